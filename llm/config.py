@@ -1,0 +1,377 @@
+"""The experiment schema: typed dataclasses, loaded from YAML with dotted overrides.
+
+One experiment is one `Config` tree. YAML files in `configs/` set some of its fields;
+`key.path=value` arguments on the command line override them. Every key and type is
+checked against the dataclasses, and every error is one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ROUTERS = ("dense", "switch", "topk", "lapsum", "smear", "deepspeed_topk")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key."""
+
+
+@dataclass
+class RoutingConfig:
+    """Which FFN each block gets (SPEC.md §1–4). `router: dense` means no routing."""
+
+    router: str = "dense"
+    n_experts: int = 8
+    d_expert: int = 0  # hidden size of one expert; 0 = model.d_ff
+    every: int = 1  # route every n-th block (blocks every-1, 2*every-1, ...), dense elsewhere
+    # sparse top-k (switch forces top_k = 1)
+    top_k: int = 2
+    capacity_factor: Optional[float] = None  # None = dropless
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss
+    # LapSum soft top-k with a global per-layer budget (SPEC §3)
+    k_mean: float = 1.5  # k̄: global budget K = k_mean * routed layers
+    budget: str = "learned"  # learned | fixed
+    alpha: float = 1.0
+    tau: float = 0.01  # truncation threshold on p
+    calibrate_tau: bool = False  # set tau on the first batch so mean kept experts ≈ k_l
+    expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
+    # SMEAR, segment-shifted (SPEC §4)
+    segment_len: int = 256
+    expert_dropout: float = 0.1
+    first_segment: str = "prior"  # prior (causal) | self_stopgrad (Lory, leaks)
+    reset_at_eos: bool = False
+    recompute: bool = False
+    # DeepSpeed's own MoE layer as a baseline (router: deepspeed_topk)
+    ds_capacity_factor: float = 1.25
+
+    def validate(self, d_ff: int) -> None:
+        _choice("model.routing.router", self.router, ROUTERS)
+        if self.router == "dense":
+            return
+        _positive("model.routing.n_experts", self.n_experts)
+        _positive("model.routing.every", self.every)
+        if self.d_expert < 0:
+            raise ConfigError(f"model.routing.d_expert={self.d_expert}: expected >= 0 (0 means model.d_ff={d_ff})")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.routing.capacity_factor={self.capacity_factor}: expected > 0, or null for dropless")
+        if self.router in ("topk", "deepspeed_topk") and not 1 <= self.top_k <= self.n_experts:
+            raise ConfigError(
+                f"model.routing.top_k={self.top_k}: expected 1 <= top_k <= n_experts={self.n_experts}")
+        if self.router == "lapsum":
+            _choice("model.routing.budget", self.budget, ("learned", "fixed"))
+            if self.alpha <= 0:
+                raise ConfigError(f"model.routing.alpha={self.alpha}: expected > 0")
+            if not 0 <= self.tau < 1:
+                raise ConfigError(f"model.routing.tau={self.tau}: expected 0 <= tau < 1")
+            if self.expansion_cap < 1:
+                raise ConfigError(f"model.routing.expansion_cap={self.expansion_cap}: expected >= 1")
+        if self.router == "smear":
+            _positive("model.routing.segment_len", self.segment_len)
+            _choice("model.routing.first_segment", self.first_segment, ("prior", "self_stopgrad"))
+            if not 0 <= self.expert_dropout < 1:
+                raise ConfigError(f"model.routing.expert_dropout={self.expert_dropout}: expected 0 <= p < 1")
+
+    def validate_budget(self, n_routed: int) -> None:
+        """SPEC §3.3: k_l = 1 + softmax(η)_l (K − L) must stay in [1, E) for any η."""
+        if self.router != "lapsum":
+            return
+        if self.k_mean < 1:
+            raise ConfigError(f"model.routing.k_mean={self.k_mean}: expected >= 1 (every layer keeps k_l >= 1)")
+        worst = self.k_mean if self.budget == "fixed" else 1 + (self.k_mean - 1) * n_routed
+        if worst >= self.n_experts:
+            raise ConfigError(
+                f"model.routing.k_mean={self.k_mean} with {n_routed} routed layers allows k_l up to {worst:g}, "
+                f"expected < n_experts={self.n_experts} (lower k_mean, add experts, or use budget: fixed)")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8000  # also the size of the sentencepiece tokenizer `llm prepare` trains
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attention: str = "sdpa"  # sdpa | flash (flash-attn 2; needs CUDA and the `flash` extra)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            _positive(f"model.{key}", getattr(self, key))
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"model.d_model/model.n_heads={self.d_model // self.n_heads}: RoPE needs an even head size")
+        _choice("model.attention", self.attention, ("sdpa", "flash"))
+        self.routing.validate(self.d_ff)
+        self.routing.validate_budget(len(self.routed_layers()))
+
+    def routed_layers(self) -> list[int]:
+        """Indices of the blocks whose FFN is routed."""
+        if self.routing.router == "dense":
+            return []
+        every = self.routing.every
+        return [i for i in range(self.n_layers) if (i + 1) % every == 0]
+
+
+@dataclass
+class DataConfig:
+    # Local files (.txt, .jsonl/.json, .parquet; globs allowed, .gz fine) or a hub dataset as "hf:NAME[:CONFIG]".
+    corpus: list[str] = field(default_factory=lambda: ["data/sample/*.jsonl.gz"])
+    text_field: str = "text"
+    hub_split: str = "train"
+    streaming: bool = False  # hub datasets only: read without downloading everything first
+    max_documents: int = 0  # 0 = all
+    tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the corpus
+    tokenizer_sample_chars: int = 20_000_000  # text fed to sentencepiece training
+    cache_dir: str = "data/cache"  # tokenizer + shards go to cache_dir/<fingerprint of corpus and tokenizer>
+    seq_len: int = 128
+    val_fraction: float = 0.02  # held out by whole documents
+    num_proc: int = 2
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise ConfigError("data.corpus is empty: expected at least one file, glob or hf:NAME")
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.num_proc", self.num_proc)
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction}: expected 0 < fraction < 1")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    max_steps: int = 300
+    micro_batch_size: int = 16  # sequences per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100  # validation loss
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    out_dir: str = ""  # run directory; empty = runs/<config name>
+    resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint path
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+
+    def validate(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
+                    "save_every", "keep_checkpoints"):
+            _positive(f"train.{key}", getattr(self, key))
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr}: expected > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps}: expected >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected 0 <= ratio <= 1")
+        _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1  # expert-parallel ranks; each holds n_experts / ep_size experts per layer
+    zero_stage: int = 0
+
+    def validate(self) -> None:
+        _positive("parallel.ep_size", self.ep_size)
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "llm-routing"
+    run_name: str = ""  # empty = config name
+    every: int = 10  # console / wandb scalars
+    routing_every: int = 100  # per-layer routing statistics
+    peak_tflops: float = 0.0  # for MFU; 0 = guess from the device (989 for H100/H200 bf16)
+
+    def validate(self) -> None:
+        _choice("log.wandb", self.wandb, ("offline", "online", "disabled"))
+        _positive("log.every", self.every)
+        _positive("log.routing_every", self.routing_every)
+
+
+@dataclass
+class EvalConfig:
+    """Downstream (lm-eval) evaluation during training."""
+
+    every: int = 0  # 0 = off
+    tasks: list[str] = field(default_factory=lambda: ["lambada_openai"])
+    limit: int = 100
+    data_dir: str = ""  # local task data; empty = $LLM_EVAL_DATA
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every={self.every}: expected >= 0 (0 = off)")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.parallel.validate()
+        self.log.validate()
+        self.eval.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        routing = self.model.routing
+        if routing.router != "dense":
+            if routing.n_experts % self.parallel.ep_size:
+                raise ConfigError(f"parallel.ep_size={self.parallel.ep_size} must divide "
+                                  f"model.routing.n_experts={routing.n_experts}")
+            if self.parallel.zero_stage == 3:
+                raise ConfigError("parallel.zero_stage=3: DeepSpeed does not support ZeRO-3 with MoE layers; "
+                                  "expected 0, 1 or 2")
+        elif self.parallel.ep_size != 1:
+            raise ConfigError(f"parallel.ep_size={self.parallel.ep_size} needs a routed model "
+                              f"(model.routing.router is dense)")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.train.out_dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML experiment, apply `a.b=value` overrides, check every key and value."""
+    raw: dict[str, Any] = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        name = path.stem
+    raw.setdefault("name", name)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    return from_dict(raw).validate()
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown key {full}{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(item, v, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value}: expected a positive number")
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, options))}")

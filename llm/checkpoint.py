@@ -14,6 +14,9 @@
 
 A checkpoint is written into `step_N.tmp` and renamed into place only when complete,
 so a crash mid-write never destroys the last good checkpoint.
+
+Saving (`save`) and resuming (`resume_checkpoint`, `restore`) are collective: every rank
+calls them. `load_model` needs nothing but the checkpoint directory.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from llm.config import Config, load_config
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+ENGINE = "engine"
 
 
 class CheckpointError(ValueError):
@@ -99,6 +103,114 @@ def write_model_files(ckpt_dir: Path, state_dict: dict[str, torch.Tensor], cfg: 
     save_config(cfg, ckpt_dir / "config.yaml")
     shutil.copyfile(tokenizer_path, ckpt_dir / "tokenizer.model")
     (ckpt_dir / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+
+
+# ---------------------------------------------------------------------------- saving and resuming
+
+def save(engine, cfg: Config, run_dir: str | Path, step: int, tokenizer_path: str | Path,
+         trainer_state: dict[str, Any]) -> Path:
+    """Write checkpoint `step` of a run and publish it. Call on EVERY rank.
+
+    1. rank 0 empties `step_N.tmp/`;
+    2. every rank writes its part of DeepSpeed's state (module, optimizer shards, LR
+       schedule) into `step_N.tmp/engine/`, and joins in gathering the full state dict;
+    3. rank 0 writes model.pt, config.yaml, tokenizer.model, trainer.json;
+    4. barrier, then rank 0 renames `step_N.tmp` to `step_N`, points `latest` at it and
+       prunes all but the newest `train.keep_checkpoints`.
+    """
+    from llm.parallel import barrier, full_state_dict, is_main
+
+    stage = staging_dir(run_dir, step)
+    if is_main():
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(stage / ENGINE), tag=checkpoint_name(step))
+    state = full_state_dict(engine.module)
+    if is_main():
+        write_model_files(stage, state, cfg, tokenizer_path, trainer_state)
+    barrier()
+    if is_main():
+        publish(run_dir, step, cfg.train.keep_checkpoints)
+    barrier()
+    return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint `train.resume` asks for: auto = the run's latest (or None), none = None, else a path."""
+    mode = cfg.train.resume
+    if mode == "none":
+        return None
+    ckpt = latest_checkpoint(cfg.out_dir) if mode == "auto" else resolve(mode)
+    if ckpt is not None and not (ckpt / ENGINE).is_dir():
+        raise CheckpointError(f"{ckpt} has no {ENGINE}/ (optimizer state): it can be evaluated but not resumed; "
+                              f"set train.resume=none to start over")
+    return ckpt
+
+
+def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+    path = Path(ckpt) / "trainer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    return json.loads(path.read_text())
+
+
+def check_resumable(cfg: Config, ckpt: Path, world_size: int) -> dict[str, Any]:
+    """One-line errors for resuming `ckpt` under a config it cannot continue; returns trainer.json."""
+    from llm.config import to_dict
+
+    state = read_trainer_state(ckpt)
+    saved = _flatten(to_dict(load_config(ckpt / "config.yaml").model), "model.")
+    now = _flatten(to_dict(cfg)["model"], "model.")
+    changed = [k for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and k != "model.attention"]  # the kernel may change
+    if changed:
+        k = changed[0]
+        raise CheckpointError(f"cannot resume {ckpt}: {k}={now.get(k)!r} but the checkpoint has {saved.get(k)!r}"
+                              + (f" (and {len(changed) - 1} more model keys)" if len(changed) > 1 else ""))
+    if state.get("ep_size", 1) != cfg.parallel.ep_size:
+        raise CheckpointError(f"cannot resume {ckpt}: saved with parallel.ep_size={state.get('ep_size')}, "
+                              f"now {cfg.parallel.ep_size}")
+    if cfg.parallel.zero_stage > 0 and state.get("world_size") != world_size:
+        raise CheckpointError(f"cannot resume {ckpt}: its ZeRO-{cfg.parallel.zero_stage} optimizer state is split "
+                              f"over {state.get('world_size')} ranks, this run has {world_size}")
+    return state
+
+
+def restore(engine, ckpt: Path) -> dict[str, Any]:
+    """Load DeepSpeed's state (module, optimizer, LR schedule) from `ckpt`; call on EVERY rank.
+
+    Returns trainer.json (step, tokens, ...). Together with the data loader being a
+    function of (seed, step) and the per-step RNG seeding in the trainer, this makes a
+    resumed run continue exactly as an uninterrupted one.
+    """
+    state = read_trainer_state(ckpt)
+    tag = checkpoint_name(int(state["step"]))
+    path, _ = engine.load_checkpoint(str(ckpt / ENGINE), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{ckpt / ENGINE}: no DeepSpeed state with tag {tag}")
+    return state
+
+
+def set_aside(run_dir: str | Path, stamp: str) -> Path | None:
+    """Move a run's checkpoints to `checkpoints.<stamp>/` (a fresh start never deletes them)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.exists():
+        return None
+    target = root.with_name(f"{CHECKPOINTS}.{stamp}")
+    os.replace(root, target)
+    return target
+
+
+def _flatten(d: dict, prefix: str) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 @dataclass

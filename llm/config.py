@@ -48,8 +48,9 @@ class RoutingConfig:
     segment_len: int = 256
     expert_dropout: float = 0.1
     first_segment: str = "prior"  # prior (causal) | self_stopgrad (Lory, leaks)
-    reset_at_eos: bool = False
-    recompute: bool = False
+    reset_at_eos: bool = False  # a segment after one that contains EOS is routed by the prior
+    eos_id: int = 2  # EOS id for reset_at_eos; 2 is what `llm prepare`'s tokenizer uses
+    recompute: bool = False  # recompute merged weights in backward instead of keeping them
     # DeepSpeed's own MoE layer as a baseline (router: deepspeed_topk)
     ds_capacity_factor: float = 1.25
 
@@ -79,6 +80,8 @@ class RoutingConfig:
             _choice("model.routing.first_segment", self.first_segment, ("prior", "self_stopgrad"))
             if not 0 <= self.expert_dropout < 1:
                 raise ConfigError(f"model.routing.expert_dropout={self.expert_dropout}: expected 0 <= p < 1")
+            if self.reset_at_eos and self.eos_id < 0:
+                raise ConfigError(f"model.routing.eos_id={self.eos_id}: reset_at_eos needs the EOS token id (>= 0)")
 
     def validate_budget(self, n_routed: int) -> None:
         """SPEC §3.3: k_l = 1 + softmax(η)_l (K − L) must stay in [1, E) for any η."""

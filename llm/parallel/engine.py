@@ -1,0 +1,176 @@
+"""Everything DeepSpeed: process-group setup, the DeepSpeed config, the optimizer and
+learning-rate schedule, and the engine that wraps the plain model.
+
+The model (`llm.model`) knows nothing of this file; the trainer only calls
+`init_distributed()` once and `build_engine(model, cfg)`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from llm.config import Config, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# We support exactly two setups: CUDA (bf16, NCCL) and CPU (fp32, gloo). Naming the
+# accelerator up front also keeps DeepSpeed from printing its detection warning.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_distributed() -> None:
+    """Join the process group (gloo on CPU, nccl on GPU); idempotent.
+
+    Under torchrun or the deepspeed launcher the rendezvous comes from their environment.
+    A plain `llm train` becomes rank 0 of a world of 1 on a free local port; without this
+    DeepSpeed would go looking for MPI.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"incomplete launcher environment: {', '.join(missing)} not set")
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(verbose=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def use_bf16(cfg: Config) -> bool:
+    """train.dtype=auto means bf16 on a GPU and fp32 on CPU (where bf16 matmuls are slow)."""
+    if cfg.train.dtype == "auto":
+        return device().type == "cuda"
+    return cfg.train.dtype == "bf16"
+
+
+def ds_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed config, derived entirely from our Config (there is no separate JSON)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 2**31 - 1,  # our monitor prints; DeepSpeed's own step log stays off
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups, each with a `name`, expert parameters split into their own groups.
+
+    Decoupled weight decay goes on matrices only: every parameter with >= 2 dimensions
+    (linear weights, stacked expert weights, router matrices) except embedding tables.
+    Vectors (norm gains, biases, the LapSum budget η) are not decayed: shrinking them
+    towards 0 has no regularising meaning. A module can exempt any other parameter by
+    setting `param.no_weight_decay = True` (e.g. a router prior).
+
+    `split_params_into_different_moe_groups_for_optimizer` moves parameters that DeepSpeed
+    marks as expert parameters (`param.allreduce == False`, set by expert parallelism)
+    into groups of their own, because their gradients are reduced over a different
+    process group.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():  # each tied parameter once
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or id(param) in embeddings or getattr(param, "no_weight_decay", False)
+        (no_decay if exempt else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    return [g for g in groups if g["params"]]
+
+
+class WarmupCosine:
+    """LR multiplier for optimizer step s (0-based): linear warmup, then cosine to min_lr_ratio.
+
+    A class rather than a closure so that LambdaLR can save it with the checkpoint.
+    """
+
+    def __init__(self, t: TrainConfig):
+        self.warmup = t.warmup_steps
+        self.total = t.max_steps
+        self.floor = t.min_lr_ratio
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / (self.warmup + 1)
+        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_engine(model: nn.Module, cfg: Config):
+    """Wrap the model in a DeepSpeed engine with our AdamW and LR schedule.
+
+    Gradient accumulation, clipping, bf16 master weights, ZeRO partitioning and the
+    data-parallel gradient all-reduce all happen inside the engine.
+    """
+    import deepspeed
+
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    for g in groups:
+        log.debug("param group %s: %d tensors, %d values, weight_decay=%g", g["name"], len(g["params"]),
+                  sum(p.numel() for p in g["params"]), g["weight_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(t))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config(cfg))
+    return engine
+
+
+def grad_norm(engine) -> Optional[torch.Tensor]:
+    """Global gradient 2-norm (before clipping) where DeepSpeed does not report one.
+
+    Call after the last backward of a step, before `engine.step()`. DeepSpeed's bf16 and
+    ZeRO optimizers keep the norm they clip with (`engine.get_global_grad_norm()` after the
+    step); its plain fp32 path computes and discards it, so we compute it here (gradients
+    are already all-reduced at this point). Under expert parallelism this is the local norm.
+    """
+    if engine.bfloat16_enabled() or engine.zero_optimization_stage() > 0:
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The complete model state dict on CPU, as `model.pt` stores it. Call on EVERY rank.
+
+    With ep_size > 1 each rank holds a slice of the experts; they are gathered into
+    global expert order (w1 [E, d, f], ...) so that a checkpoint does not depend on how
+    it was trained (`llm.parallel.expert.full_state_dict`).
+    """
+    from llm.parallel.expert import full_state_dict as gather_experts
+
+    state = gather_experts(model)
+    on_cpu: dict[int, torch.Tensor] = {}  # keeps tied tensors (embed / lm_head) shared
+    return {k: on_cpu.setdefault(id(v), v.detach().cpu()) for k, v in state.items()}

@@ -1,0 +1,390 @@
+"""Expert parallelism, applied to a built model (SPEC §2–4 with parallel.ep_size > 1).
+
+Every rank builds the FULL model from the same seed (so initialisation is identical to
+ep_size = 1), then `shard_experts(model)` keeps this rank's E/ep_size experts of every
+routed layer and rewires the layers that need the others' experts:
+
+- top-k / switch / LapSum (`MoELayer`): the dispatcher's token exchange becomes an
+  all-to-all over the expert-parallel group (`AllToAllExchange`). Dropless: the
+  per-expert row counts are exchanged first, then the rows with variable splits.
+  Capacity mode: every expert's rows are padded to the capacity, fixed splits.
+- SMEAR (`SMEARLayer`): the merge θ̄ = Σ_e w_e θ_e needs every expert; it all-gathers the
+  layer's expert weights or reduce-scatters partial merges, whichever moves fewer
+  numbers (`ExpertParallelMerge`).
+- DeepSpeed's MoE (`router: deepspeed_topk`): its expert list is cut to the local slice;
+  its engine hands it the group.
+
+Expert parameters are marked the way DeepSpeed's engine and ZeRO 1/2 expect
+(`allreduce=False`, `group_name="ep_size_N"`), so their gradients are all-reduced only
+within the expert-data-parallel group, and a parameter-less `deepspeed.moe.layer.MoE`
+subclass is attached so that the engine switches its MoE code paths on (it only looks
+for instances of that class).
+
+Checkpoints name experts globally: `full_state_dict` gathers [E, ...] expert tensors on
+every rank, `load_full_state_dict` slices them again, whatever ep_size wrote them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from llm.parallel import groups
+from llm.parallel.collectives import all_gather, all_to_all, reduce_scatter
+from llm.routing.deepspeed_moe import DeepSpeedMoE
+from llm.routing.experts import Experts
+
+SMEAR_MERGE_MODES = ("auto", "gather", "reduce")
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This rank's place in its expert-parallel group."""
+
+    group: Optional[dist.ProcessGroup]
+    size: int
+    rank: int
+
+    @property
+    def group_name(self) -> str:
+        return groups.ep_group_name(self.size)
+
+    @classmethod
+    def current(cls) -> "ExpertParallel":
+        """From `llm.parallel.groups` (after `groups.init_expert_parallel`)."""
+        rank, size = groups.ep_rank_world()
+        return cls(groups.ep_group(), size, rank)
+
+
+# ---------------------------------------------------------------------------- token exchange
+
+class AllToAllExchange:
+    """The dispatcher's `TokenExchange` over the expert-parallel group.
+
+    Rows arrive sorted by global expert (counts [E] per expert). Rank j of the group owns
+    experts [j·E_local, (j+1)·E_local), so the rows for rank j are one contiguous block.
+
+    dispatch, dropless (capacity None): all-to-all the counts ([E] -> [ep, E_local]: rows
+    each source sends for each local expert), read them on the host (one sync: the split
+    sizes), all-to-all the rows with those variable splits, then reorder the received rows
+    from (source, expert) to (expert, source) so each local expert's rows are contiguous.
+    dispatch, capacity C: every expert's rows are padded to C slots, so the splits are fixed
+    (E_local · C rows per rank) and no counts are exchanged; padding rows compute zeros.
+    combine is the exact inverse. Gradients flow through both all-to-alls.
+    """
+
+    def __init__(self, ep: ExpertParallel, n_experts: int):
+        self.ep = ep
+        self.n_experts = n_experts
+        self.n_local = n_experts // ep.size
+
+    def dispatch(self, x_sorted: Tensor, counts: Tensor, capacity: Optional[Tensor] = None):
+        if capacity is not None:
+            return self._dispatch_fixed(x_sorted, counts, int(capacity))
+        ep, El, group = self.ep.size, self.n_local, self.ep.group
+        counts = counts.to(torch.long).contiguous()  # [E]
+        recv = torch.empty_like(counts)  # [ep * E_local]: (source, local expert)
+        dist.all_to_all_single(recv, counts, group=group)
+        sizes = torch.cat([counts.view(ep, El).sum(1), recv.view(ep, El).sum(1)]).tolist()  # one host sync
+        in_splits, out_splits = sizes[:ep], sizes[ep:]
+        x_recv = all_to_all(x_sorted, out_splits, in_splits, group)  # [M', d] by (source, local expert)
+        perm = None
+        if El > 1 and ep > 1:
+            block = torch.arange(ep * El, device=recv.device).repeat_interleave(recv, output_size=x_recv.shape[0])
+            perm = torch.argsort((block % El) * ep + block // El, stable=True)  # (expert, source) order
+            x_recv = x_recv.index_select(0, perm)
+        local_counts = recv.view(ep, El).sum(0)  # [E_local]
+        return x_recv, local_counts, ("variable", perm, in_splits, out_splits)
+
+    def _dispatch_fixed(self, x_sorted: Tensor, counts: Tensor, capacity: int):
+        ep, El, E, group = self.ep.size, self.n_local, self.n_experts, self.ep.group
+        M, d = x_sorted.shape
+        counts = counts.to(torch.long)
+        starts = torch.cumsum(counts, 0) - counts  # [E]
+        expert = torch.arange(E, device=counts.device).repeat_interleave(counts, output_size=M)  # [M]
+        slot = expert * capacity + torch.arange(M, device=counts.device) - starts.index_select(0, expert)  # [M]
+        padded = x_sorted.new_zeros(E * capacity, d).index_copy(0, slot, x_sorted)  # [E·C, d]
+        split = [El * capacity] * ep
+        x_recv = all_to_all(padded, split, split, group)  # [ep·E_local·C, d] by (source, expert, slot)
+        x_local = x_recv.view(ep, El, capacity, d).transpose(0, 1).reshape(El * ep * capacity, d)
+        local_counts = torch.full((El,), ep * capacity, dtype=torch.long, device=counts.device)
+        return x_local, local_counts, ("fixed", slot, capacity)
+
+    def combine(self, y_local: Tensor, handle) -> Tensor:
+        ep, El, group = self.ep.size, self.n_local, self.ep.group
+        if handle[0] == "fixed":
+            _, slot, capacity = handle
+            d = y_local.shape[-1]
+            y = y_local.view(El, ep, capacity, d).transpose(0, 1).reshape(ep * El * capacity, d)
+            split = [El * capacity] * ep
+            return all_to_all(y, split, split, group).index_select(0, slot)
+        _, perm, in_splits, out_splits = handle
+        if perm is not None:
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            y_local = y_local.index_select(0, inverse)  # back to (source, expert) order
+        return all_to_all(y_local, in_splits, out_splits, group)
+
+
+# ---------------------------------------------------------------------------- SMEAR merge
+
+class ExpertParallelMerge:
+    """SMEAR's merge θ̄_g = Σ_e w[g, e] θ_e (w [G, E] over GLOBAL experts) with sharded experts.
+
+    Two exact ways (SPEC §4), both differentiable:
+    - gather: all-gather the layer's expert weights (each rank receives the other
+      (ep−1)·E/ep experts' 3·d·f numbers), merge locally. Backward reduce-scatters the
+      weight gradients to their owners.
+    - reduce: all-gather the routing weights of the group ([ep·G, E], small), merge every
+      rank's groups over the local experts, reduce-scatter the partial merges (each rank
+      receives (ep−1)·G merged experts of 3·d·f numbers). Needs G equal on all ranks.
+    `auto` picks the one that moves fewer numbers: gather when E/ep ≤ G, i.e. E ≤ ep·G
+    (SPEC's E·3df vs B·T/S·3df, with B the expert-parallel group's batch: every rank
+    needs its own merged experts). G is compared across the group first (a tiny
+    all-gather), so every rank takes the same path; unequal G always gathers.
+    """
+
+    def __init__(self, experts: Experts, ep: ExpertParallel, mode: str = "auto"):
+        if mode not in SMEAR_MERGE_MODES:
+            raise ValueError(f"smear merge mode {mode!r}: expected one of {', '.join(SMEAR_MERGE_MODES)}")
+        self.experts = experts
+        self.ep = ep
+        self.mode = mode
+        self.last_path: Optional[str] = None  # "gather" | "reduce", for tests and logs
+
+    def path(self, G: int) -> str:
+        sizes = torch.tensor([G], dtype=torch.long)
+        if dist.get_backend(self.ep.group) == "nccl":
+            sizes = sizes.cuda()
+        gathered = sizes.new_empty(self.ep.size)
+        dist.all_gather_into_tensor(gathered, sizes, group=self.ep.group)
+        all_g = gathered.tolist()
+        equal = min(all_g) == max(all_g)
+        if self.mode == "reduce":
+            if not equal:
+                raise RuntimeError(f"SMEAR reduce merge needs the same number of routing groups on every rank "
+                                   f"of the expert-parallel group, got {all_g}")
+            return "reduce"
+        if self.mode == "gather" or not equal:
+            return "gather"
+        return "gather" if self.experts.n_local <= G else "reduce"
+
+    def __call__(self, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ex, group = self.experts, self.ep.group
+        params = (ex.w1, ex.w3, ex.w2)
+        shapes = [p.shape[1:] for p in params]
+        sizes = [math.prod(s) for s in shapes]
+        G = weights.shape[0]
+        self.last_path = self.path(G)
+        if self.last_path == "gather":
+            local = torch.cat([p.flatten(1) for p in params], dim=1)  # [E_local, P]
+            full = all_gather(local, group)  # [E, P]
+            merged = weights.to(full.dtype) @ full  # [G, P]
+        else:
+            w_all = all_gather(weights, group)  # [ep·G, E]
+            w_local = w_all[:, ex.first:ex.first + ex.n_local].to(ex.w1.dtype)  # [ep·G, E_local]
+            partial = w_local @ torch.cat([p.flatten(1) for p in params], dim=1)  # [ep·G, P]
+            merged = reduce_scatter(partial, group)  # [G, P]
+        return tuple(m.view(G, *s) for m, s in zip(merged.split(sizes, dim=1), shapes))
+
+
+# ---------------------------------------------------------------------------- sharding
+
+def _moe_flag_class():
+    from deepspeed.moe.layer import MoE
+
+    class ExpertParallelLayers(MoE):
+        """No parameters, never called: DeepSpeed's engine turns on its MoE paths (expert
+        gradient reduction within the expert-data-parallel group, expert param groups in
+        ZeRO 1/2, per-rank optimizer files) only when the model contains an instance of
+        `deepspeed.moe.layer.MoE`. Our routed layers are not, so this stands in for them.
+        num_local_experts = 0: DeepSpeed's per-expert checkpoint files stay empty; expert
+        weights are checkpointed by `full_state_dict` instead."""
+
+        def __init__(self, num_experts: int, ep_size: int):
+            nn.Module.__init__(self)
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.num_local_experts = 0
+            self.expert_group_name = groups.ep_group_name(ep_size)
+            self.use_residual = False
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups exist already (groups.init_expert_parallel)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertParallelLayers only flags the model for DeepSpeed; it is not a layer")
+
+    return ExpertParallelLayers
+
+
+FLAG_NAME = "expert_parallel_layers"
+
+
+def mark_expert_params(params: Iterable[nn.Parameter], ep_size: int) -> None:
+    """What DeepSpeed's MoE sets on expert parameters (deepspeed.moe.utils.is_moe_param)."""
+    for p in params:
+        p.allreduce = False
+        p.group_name = groups.ep_group_name(ep_size)
+
+
+def _slice_param(p: nn.Parameter, first: int, n: int) -> nn.Parameter:
+    return nn.Parameter(p.detach()[first:first + n].clone(), requires_grad=p.requires_grad)
+
+
+def _shard_store(store: Experts, ep: ExpertParallel) -> None:
+    if store.n_local != store.n_global:
+        raise RuntimeError("shard_experts: this expert store is already sharded")
+    n_local = store.n_global // ep.size
+    first = ep.rank * n_local
+    for name in ("w1", "w3", "w2"):
+        setattr(store, name, _slice_param(getattr(store, name), first, n_local))
+    store.first = first
+    mark_expert_params(store.parameters(), ep.size)
+
+
+def _shard_deepspeed_moe(layer, ep: ExpertParallel) -> None:
+    moe = layer.moe
+    inner = moe.deepspeed_moe
+    n_local = moe.num_experts // ep.size
+    first = ep.rank * n_local
+    store = inner.experts
+    store.deepspeed_experts = nn.ModuleList(list(store.deepspeed_experts)[first:first + n_local])
+    store.num_local_experts = n_local
+    for obj in (moe, inner):
+        obj.ep_size = ep.size
+        obj.num_local_experts = n_local
+    moe.expert_group_name = inner.ep_group_name = ep.group_name
+    mark_expert_params(store.parameters(), ep.size)
+    inner._set_ep_group(ep.group)
+
+
+def shard_experts(model: nn.Module, ep: Optional[ExpertParallel] = None, smear_merge: str = "auto") -> nn.Module:
+    """Keep this rank's experts of every routed layer and install the exchange / merge.
+
+    Call on the full model built with the same seed on every rank, after
+    `groups.init_expert_parallel`, before `deepspeed.initialize`. A no-op at ep_size 1.
+    `smear_merge` forces SMEAR's path (auto | gather | reduce); env LLM_SMEAR_MERGE overrides it.
+    """
+    from llm.routing.moe import MoELayer
+    from llm.routing.smear import SMEARLayer
+
+    ep = ep or ExpertParallel.current()
+    if ep.size == 1:
+        return model
+    smear_merge = os.environ.get("LLM_SMEAR_MERGE", smear_merge)
+    n_experts = None
+    for module in list(model.modules()):
+        if isinstance(module, (MoELayer, SMEARLayer)):
+            n_experts = module.experts.n_global
+        elif isinstance(module, DeepSpeedMoE):
+            n_experts = module.n_experts
+        else:
+            continue
+        if n_experts % ep.size:
+            raise groups.LayoutError(f"parallel.ep_size={ep.size} must divide model.routing.n_experts={n_experts}")
+        if isinstance(module, MoELayer):
+            _shard_store(module.experts, ep)
+            module.dispatcher.exchange = AllToAllExchange(ep, n_experts)
+        elif isinstance(module, SMEARLayer):
+            _shard_store(module.experts, ep)
+            module.merge = ExpertParallelMerge(module.experts, ep, smear_merge)  # shadows SMEARLayer.merge
+        else:
+            _shard_deepspeed_moe(module, ep)
+    if n_experts is None:
+        raise ValueError(f"parallel.ep_size={ep.size} needs routed layers; the model has none")
+    stray = [name for name, p in model.named_parameters()
+             if "expert" in name and not hasattr(p, "allreduce")]
+    if stray:
+        raise RuntimeError(f"parameters named like experts but not sharded: {stray[:3]}")
+    if not any(type(m).__name__ == "ExpertParallelLayers" for m in model.modules()):
+        model.add_module(FLAG_NAME, _moe_flag_class()(n_experts, ep.size))
+    return model
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _ds_expert_key(key: str) -> Optional[tuple[str, int, str]]:
+    """'...deepspeed_experts.<i>.<rest>' -> (prefix, i, rest)."""
+    marker = ".deepspeed_experts."
+    if marker not in key:
+        return None
+    prefix, tail = key.split(marker, 1)
+    index, rest = tail.split(".", 1)
+    return prefix + marker, int(index), rest
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict with every expert tensor indexed by GLOBAL expert.
+
+    A collective under expert parallelism: call on every rank (each gets the full dict;
+    one of them writes it). Without expert parallelism it is `model.state_dict()`.
+    Sharded `Experts` stores give w1, w3 [E, d, f], w2 [E, f, d]; DeepSpeed MoE layers
+    give `deepspeed_experts.<global id>.*`. The flag module has no state.
+    """
+    state = model.state_dict()
+    ep = ExpertParallel.current()
+    if ep.size == 1:
+        return state
+    for prefix, module in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        if isinstance(module, Experts) and module.n_local != module.n_global:
+            for name in ("w1", "w3", "w2"):
+                state[prefix + name] = _gather_rows(getattr(module, name).detach(), ep)
+        elif isinstance(module, DeepSpeedMoE) and module.moe.num_local_experts != module.moe.num_experts:
+            n_local = module.moe.num_local_experts
+            head = f"{prefix}moe.deepspeed_moe.experts.deepspeed_experts."
+            for key in [k for k in state if k.startswith(head)]:
+                _, local, rest = _ds_expert_key(key)
+                gathered = _gather_rows(state.pop(key)[None], ep)  # [ep, ...]: local expert `local` of each rank
+                for src in range(ep.size):
+                    state[f"{head}{src * n_local + local}.{rest}"] = gathered[src]
+    return state
+
+
+def _gather_rows(t: Tensor, ep: ExpertParallel) -> Tensor:
+    t = t.contiguous()
+    out = t.new_empty((ep.size * t.shape[0], *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t, group=ep.group)
+    return out
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], strict: bool = True):
+    """Load a `full_state_dict` (global experts, any ep_size wrote it) into a model that
+    may be sharded: expert tensors are sliced to this rank's experts first."""
+    local = dict(state)
+    for prefix, module in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        if isinstance(module, Experts) and module.n_local != module.n_global:
+            for name in ("w1", "w3", "w2"):
+                key = prefix + name
+                if key in local:
+                    local[key] = local[key][module.first:module.first + module.n_local]
+        elif isinstance(module, DeepSpeedMoE) and module.moe.num_local_experts != module.moe.num_experts:
+            n_local = module.moe.num_local_experts
+            first = groups.ep_rank_world()[0] * n_local
+            head = f"{prefix}moe.deepspeed_moe.experts.deepspeed_experts."
+            for key in [k for k in local if k.startswith(head)]:
+                _, index, rest = _ds_expert_key(key)
+                value = local.pop(key)
+                if first <= index < first + n_local:
+                    local[f"{head}{index - first}.{rest}"] = value
+    return model.load_state_dict(local, strict=strict)
+
+
+# ---------------------------------------------------------------------------- entry point
+
+def apply_expert_parallel(model: nn.Module, cfg) -> nn.Module:
+    """Check the layout, create the groups and shard `model` per `cfg.parallel` (a `Config`).
+
+    Every rank calls it on the full model built from the same seed, before `build_engine`.
+    """
+    routed = cfg.model.routing.router != "dense"
+    groups.init_expert_parallel(cfg.parallel.ep_size, cfg.model.routing.n_experts if routed else 1)
+    return shard_experts(model, smear_merge=getattr(cfg.parallel, "smear_merge", "auto"))

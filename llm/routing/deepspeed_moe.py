@@ -1,0 +1,106 @@
+"""DeepSpeed's own MoE layer as a baseline router (`router: deepspeed_topk`).
+
+`deepspeed.moe.layer.MoE` (GShard-style top-k gate, fixed-capacity dispatch, all-to-all
+under expert parallelism) with our SwiGLU experts, in the decoder's FFN slot:
+`layer(x [B, T, d], ctx) -> (y, aux_loss_coef · l_aux)`.
+
+Settings, and how they differ from our `topk` router:
+- capacity dropping is on (DeepSpeed's MoE has no dropless top-1/top-2 path that stays
+  causal); capacity = ceil(ds_capacity_factor · tokens · k / E), min_capacity 0 so that
+  a single decoding token still gets a slot. Dropping depends on the other tokens of the
+  micro-batch, so this baseline is not causal under capacity (SPEC §2): use it for
+  throughput and loss comparisons, not for the causality test.
+- `use_rts=False`: overflow tokens are dropped by gate score, not at random.
+- DeepSpeed's gate renormalises the chosen weights for k ≥ 2 and not for k = 1, like ours.
+- Only the load-balancing loss (DeepSpeed's l_aux), weighted by aux_loss_coef; no z-loss.
+
+Expert parallelism: the layer is built with all E experts (same init on every rank,
+like every other layer) and `llm.parallel.expert.shard_experts` keeps this rank's
+slice; DeepSpeed's engine then hands it the expert-parallel group through
+`set_deepspeed_parallelism`, which needs torch.distributed initialised. A single
+process without torch.distributed can still run it with all experts (evaluation,
+generation).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llm.config import ModelConfig
+from llm.routing.experts import swiglu
+
+
+class SwiGLUExpert(nn.Module):
+    """One SwiGLU expert in the expert store's layout: w1, w3 [d, f], w2 [f, d]."""
+
+    def __init__(self, d_model: int, d_expert: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(d_model, d_expert))
+        self.w3 = nn.Parameter(torch.empty(d_model, d_expert))
+        self.w2 = nn.Parameter(torch.empty(d_expert, d_model))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=init_std)
+        nn.init.normal_(self.w3, std=init_std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w1, self.w3, self.w2)
+
+
+def _deepspeed_moe_class():
+    from deepspeed.moe.layer import MoE
+
+    class _MoE(MoE):
+        """DeepSpeed's MoE with a clear error when torch.distributed is missing, and an
+        idempotent `set_deepspeed_parallelism` (sharding may already have set the group)."""
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    "router deepspeed_topk: DeepSpeed's MoE layer needs torch.distributed initialised "
+                    "(deepspeed.init_distributed(), which the trainer does) to create its expert-parallel groups")
+            if self.deepspeed_moe.ep_group is None:
+                super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+
+    return _MoE
+
+
+class DeepSpeedMoE(nn.Module):
+    """`deepspeed.moe.layer.MoE` in the FFN slot: forward(x, ctx) -> (y, aux_loss)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from llm.model import output_std
+
+        r = cfg.routing
+        d_expert = r.d_expert or cfg.d_ff
+        self.top_k = r.top_k
+        self.aux_loss_coef = r.aux_loss_coef
+        self.moe = _deepspeed_moe_class()(
+            hidden_size=cfg.d_model, expert=SwiGLUExpert(cfg.d_model, d_expert), num_experts=r.n_experts,
+            ep_size=1, k=r.top_k, capacity_factor=r.ds_capacity_factor, eval_capacity_factor=r.ds_capacity_factor,
+            min_capacity=0, drop_tokens=True, use_rts=False)
+        # DeepSpeed deep-copies one expert E times: give each its own draw, in expert order.
+        for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:
+            expert.reset_parameters(cfg.init_std, output_std(cfg))
+        nn.init.normal_(self.moe.deepspeed_moe.gate.wg.weight, std=cfg.init_std)
+        self._counts = None
+
+    @property
+    def n_experts(self) -> int:
+        return self.moe.num_experts
+
+    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        y, l_aux, counts = self.moe(x)
+        self._counts = counts.detach()  # [E] routed token-slots per expert, before capacity
+        return y.to(x.dtype), self.aux_loss_coef * l_aux.float()
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Routing statistics of the last forward: `k` and `load` (as `MoELayer.stats`, before capacity)."""
+        if self._counts is None:
+            return {}
+        counts = self._counts.float()
+        return {"k": torch.tensor(float(self.top_k)), "load": counts / counts.sum().clamp(min=1)}

@@ -1,0 +1,104 @@
+"""The routed FFN layer: router + dispatcher + experts (SPEC.md §2, §3).
+
+`MoELayer(cfg)` fills a block's FFN slot for `router: switch | topk | lapsum`:
+`layer(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`. LapSum takes its budget k_l
+from `ctx.k` (the model's `ExpertBudget`); called without one it uses k_mean.
+
+After every forward, `layer.stats` describes that call, as detached tensors on the
+layer's device (nothing is read back to the host until a logger asks):
+
+    k               []      the layer's budget: k_l for LapSum, top_k (1 for switch) otherwise
+    tau             []      LapSum only: the truncation threshold τ in use
+    active_mean     []      experts computed per token, mean over tokens
+    active_per_token [B, T] experts computed per token (int16)
+    active_hist     [m + 1] number of tokens that computed 0, 1, ..., m experts
+                            (m = slots per token: top_k, or LapSum's min(E, ceil(c·k_max)))
+    load            [E]     fraction of the computed token-slots that went to each expert
+    dropped_frac    []      fraction of routed token-slots dropped by capacity (0 when dropless)
+    router_entropy  []      mean over tokens of the entropy (nats) of the router distribution
+                            (softmax(r); LapSum: p / k_l)
+    lb_loss, z_loss []      the unweighted load-balancing and z-losses (aux_loss weighs them)
+
+The stats are computed on first access from references kept by the forward, so a step
+that nobody logs costs nothing extra.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from llm.config import ModelConfig
+from llm.routing.dispatch import Dispatcher, DispatchInfo
+from llm.routing.experts import Experts
+from llm.routing.routers import LapSumRouter, TopKRouter
+
+
+def build_router(cfg: ModelConfig) -> nn.Module:
+    r = cfg.routing
+    common = dict(d_model=cfg.d_model, n_experts=r.n_experts, init_std=cfg.init_std,
+                  aux_loss_coef=r.aux_loss_coef, z_loss_coef=r.z_loss_coef)
+    if r.router in ("switch", "topk"):
+        return TopKRouter(k=1 if r.router == "switch" else r.top_k, **common)
+    if r.router == "lapsum":
+        return LapSumRouter(k_max=max_budget(cfg), alpha=r.alpha, tau=r.tau, expansion_cap=r.expansion_cap,
+                            calibrate_tau=r.calibrate_tau, **common)
+    raise ValueError(f"MoELayer does not implement router {r.router!r}")
+
+
+def max_budget(cfg: ModelConfig) -> float:
+    """The largest k_l the budget can give one layer: k̄ when fixed, 1 + (K − L) when learned."""
+    r = cfg.routing
+    n_routed = max(1, len(cfg.routed_layers()))
+    return r.k_mean if r.budget == "fixed" else 1.0 + (r.k_mean - 1.0) * n_routed
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from llm.model import output_std
+
+        r = cfg.routing
+        self.router = build_router(cfg)
+        self.experts = Experts(r.n_experts, cfg.d_model, r.d_expert or cfg.d_ff, cfg.init_std, output_std(cfg))
+        self.dispatcher = Dispatcher(r.n_experts, r.capacity_factor)
+        self.is_lapsum = r.router == "lapsum"
+        self.register_buffer("k_default", torch.tensor(r.k_mean, dtype=torch.float64), persistent=False)
+        self._last: Optional[tuple[dict[str, Tensor], DispatchInfo, int, int]] = None
+
+    def forward(self, x: Tensor, ctx=None) -> tuple[Tensor, Tensor]:
+        B, T, d = x.shape
+        k = ctx.k if ctx is not None and ctx.k is not None else self.k_default
+        routing = self.router(x.reshape(B * T, d), k)
+        y, info = self.dispatcher(x, routing, self.experts)
+        # Detached views (no copies): the stats never hold on to the autograd graph.
+        self._last = ({name: getattr(routing, name).detach() for name in ("k", "probs", "lb_loss", "z_loss")},
+                      info, B, T)
+        return y, routing.aux_loss
+
+    @property
+    def stats(self) -> dict[str, Tensor]:
+        """Routing statistics of the last forward (see the module docstring)."""
+        if self._last is None:
+            return {}
+        routing, info, B, T = self._last
+        with torch.no_grad():
+            active = info.kept.sum(-1)  # [N]
+            probs = routing["probs"]
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+            computed = info.counts.sum().clamp(min=1)
+            stats = {
+                "k": routing["k"],
+                "active_mean": active.float().mean(),
+                "active_per_token": active.to(torch.int16).view(B, T),
+                "active_hist": torch.bincount(active, minlength=info.kept.shape[1] + 1),
+                "load": info.counts.float() / computed,
+                "dropped_frac": 1.0 - info.counts.sum().float() / info.routed.clamp(min=1).float(),
+                "router_entropy": entropy,
+                "lb_loss": routing["lb_loss"],
+                "z_loss": routing["z_loss"],
+            }
+            if self.is_lapsum:
+                stats["tau"] = self.router.tau.detach().clone()
+        return stats

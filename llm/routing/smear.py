@@ -1,0 +1,318 @@
+"""SMEAR made causal: segment-shifted soft merging of experts (SPEC.md §4).
+
+Each sequence is cut into segments of S tokens. Segment j runs through ONE SwiGLU expert
+whose parameters are the routing-weighted average of all E experts' parameters,
+θ̄_j = Σ_i e_{j,i} θ_i, and its routing weights come from the mean hidden state of segment
+j − 1 (`segment_shift`): the output at position t depends on tokens ≤ t only. Segment 0 has
+no past and uses a learned prior e_0 = softmax(ρ).
+
+    pooled_j = mean of x over segment j                      [B, nseg-1, d]  (fp32)
+    e_{j+1}  = softmax(W · LayerNorm(pooled_j))              router, fp32, W ~ N(0, 0.01), no bias
+    e_0      = softmax(ρ)                                     prior (first_segment: prior)
+    θ̄_j     = Σ_i e_{j,i} θ_i                               one matmul per weight matrix for all B·nseg
+    y_j      = W̄2_j (silu(W̄1_j x) ⊙ W̄3_j x)                 bmm over the segments
+
+Options (`model.routing`):
+- `first_segment: self_stopgrad` is Lory's choice, kept for comparison: segment 0 is routed
+  on its own mean with a stop-gradient. Its forward pass sees the future of segment 0, so
+  it fails the causality test (SPEC §6), and it cannot decode incrementally.
+- `expert_dropout` p: in training each e_{j,i} is zeroed with probability p and the rest
+  renormalised (at least one expert always survives).
+- `recompute`: merge + apply run under non-reentrant activation checkpointing, so the
+  B·nseg merged experts are not kept for backward but rebuilt there. They are B·T/S·3·d·f
+  numbers, 3·d·f/S per token against ~3·f for the FFN's own activations: about d/S times
+  more (3x at d = 768, S = 256). The checkpoint is selective (`_keep_bmm_outputs`): the bmm
+  outputs stay saved, so backward redoes only the merge (E/S of the FFN's FLOPs), not the
+  whole expert.
+- Packed documents. Attention sees across document boundaries and, by default, so does
+  routing: a segment is routed on the previous segment whatever documents they hold.
+  `reset_at_eos: true` routes segment j with the prior instead when segment j − 1 contains
+  the token `eos_id` (documents end with EOS in `llm prepare`'s stream). The decision uses
+  tokens of segment j − 1 only, so it stays causal. A segment that itself contains an EOS
+  still serves the start of the next document with the expert it was routed to.
+- A last partial segment (T not a multiple of S) gets its merged expert as usual; no mean
+  is taken over it (it would route a segment that does not exist).
+
+Incremental decoding (`ctx.state` is a dict): the state holds the merged expert of the
+segment being decoded, its routing weights, the fp32 running sum of its hidden states and
+whether it has seen an EOS. A call may hold any number of tokens (one, or a chunked
+prefill crossing segment boundaries); new merges happen only where a segment begins.
+
+After every forward, `layer.stats` holds detached tensors for logging and plots:
+    entropy          mean over router-routed segments of −Σ_i e_i log e_i (nats)
+    max_weight       mean over router-routed segments of max_i e_i (specialisation)
+    expert_weight    [E] mean weight of each expert over router-routed segments
+    top1_fraction    [E] fraction of router-routed segments whose largest weight is expert i
+    prior            [E] softmax(ρ)
+    routed_segments  number of segments routed by the router in this forward
+    prior_segments   number of segments that used the prior (segment 0, EOS resets)
+Router statistics are taken before expert dropout and are NaN when this forward routed no
+segment (T ≤ S, or a decoding step inside a segment). The layer adds no auxiliary loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from llm.config import ModelConfig
+from llm.routing.experts import Experts, swiglu
+
+Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # w1, w3 [G, d, f], w2 [G, f, d]
+
+
+class SegmentRouter(nn.Module):
+    """SMEAR's router: LayerNorm of a pooled hidden state, bias-free linear, softmax, all fp32.
+
+    Parameter names (`norm`, `proj`) avoid the word "expert": DeepSpeed would take them
+    for expert parameters.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.proj = nn.Linear(d_model, n_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.01)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [..., d] (fp32) -> routing weights [..., E] (fp32, or fp64 for an fp64 model)."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            h = F.layer_norm(_fp32(pooled), self.norm.normalized_shape, _fp32(self.norm.weight),
+                             _fp32(self.norm.bias), self.norm.eps)
+            return torch.softmax(h @ _fp32(self.proj.weight).t(), dim=-1)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in at least fp32 (fp64 stays fp64, for the float64 tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def segment_shift(routed: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Weights per segment from the router's output per segment: segment j gets routed[:, j−1].
+
+    routed [B, n, E] (router output on segments 0..n−1), first [B, E] (segment 0's weights)
+    -> [B, n + 1, E]. A shift along the segment axis, never along the flattened tokens.
+    """
+    return torch.cat([first[:, None], routed], dim=1)
+
+
+def expert_dropout(e: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero each weight with probability p and renormalise; never drops every expert."""
+    keep = torch.rand_like(e) >= p
+    keep |= ~keep.any(dim=-1, keepdim=True)
+    e = e * keep
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def segment_sums(x: torch.Tensor, S: int) -> torch.Tensor:
+    """Per-segment sums (at least fp32) of x [B, T, ...] -> [B, ceil(T/S), ...]; the last may be partial."""
+    B, T = x.shape[:2]
+    n_full = T // S
+    acc = torch.promote_types(x.dtype, torch.float32)
+    sums = [x[:, :n_full * S].reshape(B, n_full, S, *x.shape[2:]).sum(2, dtype=acc)]
+    if T > n_full * S:
+        sums.append(x[:, n_full * S:].sum(1, dtype=acc)[:, None])
+    return torch.cat(sums, dim=1)
+
+
+def segment_groups(e: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """Routing weights e [B, nseg, E] of T tokens as merge groups [B·nseg, E]: the full segments
+    of every sequence first (sequence-major), then each sequence's partial last segment, so
+    that `apply_segments` takes both sets of merged experts as contiguous slices."""
+    n_full = T // S
+    return torch.cat([e[:, :n_full].flatten(0, 1), e[:, n_full:].flatten(0, 1)])
+
+
+def apply_segments(x: torch.Tensor, merged: Merged, S: int) -> torch.Tensor:
+    """Run segment j of x [B, T, d] (T counted from a segment start) through merged expert j.
+
+    merged: w1, w3 [B·ceil(T/S), d, f], w2 [..., f, d] in `segment_groups` order. Full segments
+    go through one bmm per weight matrix, a partial last segment through one more: no padding.
+    """
+    B, T, d = x.shape
+    n_full = T // S
+    if T == n_full * S:
+        return swiglu(x.reshape(B * n_full, S, d), *merged).view(B, T, d)
+    if n_full == 0:
+        return swiglu(x, *merged)
+    # split, not two slices: its backward is one cat, where each slice's is a zero fill + copy.
+    full, tail = zip(*(m.split([B * n_full, B]) for m in merged))
+    y_full = swiglu(x[:, :n_full * S].reshape(B * n_full, S, d), *full).view(B, n_full * S, d)
+    return torch.cat([y_full, swiglu(x[:, n_full * S:], *tail)], dim=1)
+
+
+def last_segment(merged: Merged, B: int, T: int, S: int) -> Merged:
+    """The merged expert of each sequence's last segment, [B, ...], from `segment_groups` order."""
+    n_full = T // S
+    if T > n_full * S:
+        return tuple(m[B * n_full:] for m in merged)
+    return tuple(m.view(B, n_full, *m.shape[1:])[:, -1] for m in merged)
+
+
+def _keep_bmm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save what the segment bmms produce, recompute the rest
+    (the merge matmuls and the elementwise SwiGLU gate)."""
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.bmm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_bmm_outputs)
+
+
+class SMEARLayer(nn.Module):
+    """Causal SMEAR FFN for the decoder's FFN slot: `forward(x, ctx) -> (y, aux_loss = 0)`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from llm.model import output_std
+
+        r = cfg.routing
+        self.segment_len = r.segment_len
+        self.p_drop = r.expert_dropout
+        self.first_segment = r.first_segment
+        self.reset_at_eos = r.reset_at_eos
+        self.eos_id = r.eos_id
+        self.recompute = r.recompute
+        self.experts = Experts(r.n_experts, cfg.d_model, r.d_expert or cfg.d_ff, cfg.init_std, output_std(cfg))
+        self.router = SegmentRouter(cfg.d_model, r.n_experts, cfg.norm_eps)
+        self.prior = nn.Parameter(torch.zeros(r.n_experts))  # ρ; uniform at init
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def merge(self, weights: torch.Tensor) -> Merged:
+        """θ̄_g = Σ_e weights[g, e] θ_e for G routing groups; weights [G, E] over the global experts.
+
+        The one place expert parallelism plugs in (SPEC §4): a rank holding the experts
+        [first, first + E_local) merges its slice and the partial merges are summed by an
+        all-reduce, or the layer's experts are all-gathered first and merged locally.
+        """
+        ex = self.experts
+        if ex.n_local != ex.n_global:
+            raise NotImplementedError("SMEAR under expert parallelism needs the all-reduce of partial merges")
+        return ex.merged(weights[:, ex.first:ex.first + ex.n_local])
+
+    def _merge_apply(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Merge the expert of every segment of x [B, T, d] (weights [B, nseg, E]) and apply it."""
+        S = self.segment_len
+        return apply_segments(x, self.merge(segment_groups(weights, x.shape[1], S)), S)
+
+    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        S = self.segment_len
+        state: Optional[dict] = ctx.state if ctx is not None else None
+        start = ctx.start_pos if ctx is not None else 0
+        if state is not None and self.first_segment == "self_stopgrad":
+            raise ValueError("first_segment=self_stopgrad routes segment 0 on its own future; "
+                             "it cannot decode incrementally")
+        if start and (state is None or "sum" not in state):
+            raise ValueError(f"SMEAR needs the decoding state of the tokens before start_pos={start}")
+        eos = None
+        if self.reset_at_eos:
+            if ctx is None:
+                raise ValueError("reset_at_eos needs ctx.input_ids")
+            eos = ctx.input_ids == self.eos_id  # [B, T]
+
+        # The head finishes a segment begun in an earlier decoding call (its expert is cached);
+        # the rest starts at a segment boundary and holds n_new segments, the last maybe partial.
+        offset = start % S
+        n_head = min(T, S - offset) if offset else 0
+        x_head, x_rest = x[:, :n_head], x[:, n_head:]
+        n_new = -(-(T - n_head) // S)
+        sums = segment_sums(x_rest, S)  # [B, n_new, d]
+        seg_eos = segment_sums(eos[:, n_head:], S) > 0 if eos is not None else None  # [B, n_new]
+        prior = torch.softmax(_fp32(self.prior), dim=0)  # [E]
+
+        # Sum (and EOS flag) of the segment before the first new one, when there is one.
+        prev_sum = prev_eos = None
+        if start:
+            prev_sum = state["sum"] + x_head.sum(1, dtype=state["sum"].dtype)  # [B, d]
+            if eos is not None:
+                prev_eos = state["eos"] | eos[:, :n_head].any(1)  # [B]
+
+        e = weights = merged = None
+        if n_new:
+            e, from_router = self._route(sums, seg_eos, prev_sum, prev_eos, prior, T)  # [B, n_new, E]
+            weights = expert_dropout(e, self.p_drop) if self.training and self.p_drop > 0 else e
+        self._record_stats(e, from_router if n_new else None, prior)
+
+        y = []
+        if n_head:
+            y.append(swiglu(x_head, *state["merged"]))
+        if n_new and state is None and self.recompute and torch.is_grad_enabled():
+            # Nothing random runs inside, so the RNG state need not be replayed.
+            y.append(checkpoint(self._merge_apply, x_rest, weights, use_reentrant=False,
+                                context_fn=_selective_contexts, preserve_rng_state=False))
+        elif n_new:
+            merged = self.merge(segment_groups(weights, x_rest.shape[1], S))
+            y.append(apply_segments(x_rest, merged, S))
+        if state is not None:
+            self._update_state(state, x_head, x_rest, sums, seg_eos, eos, weights, merged)
+        return torch.cat(y, dim=1) if len(y) > 1 else y[0], x.new_zeros((), dtype=torch.float32)
+
+    def _route(self, sums, seg_eos, prev_sum, prev_eos, prior, T: int):
+        """Routing weights of the segments that begin in this call, each from the previous one.
+
+        sums [B, n_new, d], seg_eos [B, n_new] or None: sums and EOS flags of the new segments;
+        prev_sum [B, d], prev_eos [B]: those of the segment before them (None at segment 0).
+        Returns e [B, n_new, E] and from_router [B, n_new] (False where the prior was used).
+        """
+        B, S = sums.shape[0], self.segment_len
+        sources, src_eos = sums[:, :-1], None if seg_eos is None else seg_eos[:, :-1]
+        if prev_sum is not None:
+            sources = torch.cat([prev_sum[:, None], sources], dim=1)
+            if seg_eos is not None:
+                src_eos = torch.cat([prev_eos[:, None], src_eos], dim=1)
+        routed = self.router(sources / S)  # [B, n_sources, E]; every source segment is complete
+        from_router = torch.ones(routed.shape[:2], dtype=torch.bool, device=routed.device)
+        if src_eos is not None:
+            routed = torch.where(src_eos[..., None], prior, routed)
+            from_router = ~src_eos
+        if prev_sum is not None:
+            return routed, from_router
+        if self.first_segment == "prior":
+            first, first_routed = prior.expand(B, -1), False
+        else:  # Lory: segment 0 on its own mean, with a stop-gradient. Sees the future of segment 0.
+            first, first_routed = self.router(sums[:, 0] / min(S, T)).detach(), True
+        first_flag = torch.full((B, 1), first_routed, dtype=torch.bool, device=routed.device)
+        return segment_shift(routed, first), torch.cat([first_flag, from_router], dim=1)
+
+    @torch.no_grad()
+    def _update_state(self, state, x_head, x_rest, sums, seg_eos, eos, weights, merged) -> None:
+        """Keep what the next decoding call needs about the segment this call ended in."""
+        B, n_new = sums.shape[:2]
+        if n_new:
+            state["sum"] = sums[:, -1].detach()
+            state["weights"] = weights[:, -1].detach()
+            last = last_segment(merged, B, x_rest.shape[1], self.segment_len)
+            # A slice of a longer prefill's merge is copied, so the state does not keep all of it alive.
+            state["merged"] = tuple(m.detach() if n_new == 1 else m.detach().clone() for m in last)
+            if seg_eos is not None:
+                state["eos"] = seg_eos[:, -1]
+        else:
+            state["sum"] = state["sum"] + x_head.sum(1, dtype=state["sum"].dtype)
+            if eos is not None:
+                state["eos"] = state["eos"] | eos.any(1)
+
+    @torch.no_grad()
+    def _record_stats(self, e: Optional[torch.Tensor], from_router: Optional[torch.Tensor],
+                      prior: torch.Tensor) -> None:
+        """Fill `self.stats` (fields in the module docstring) without a host-device sync."""
+        E = prior.numel()
+        if e is None:
+            e, from_router = prior.new_zeros(1, 0, E), prior.new_zeros(1, 0, dtype=torch.bool)
+        e = e.detach().float()  # [B, n, E]
+        m = from_router.float()[..., None]  # [B, n, 1]
+        n = m.sum()  # router-routed segments; 0/0 gives NaN where there are none
+        entropy = -(e * e.clamp_min(1e-30).log()).sum(-1, keepdim=True)
+        top1 = F.one_hot(e.argmax(-1), E).float() if e.numel() else e
+        self.stats = {
+            "entropy": (entropy * m).sum() / n,
+            "max_weight": (e.amax(-1, keepdim=True) * m).sum() / n,
+            "expert_weight": (e * m).sum((0, 1)) / n,
+            "top1_fraction": (top1 * m).sum((0, 1)) / n,
+            "prior": prior.detach(),
+            "routed_segments": n.long(),
+            "prior_segments": m.numel() - n.long(),
+        }

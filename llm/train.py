@@ -1,0 +1,246 @@
+"""The training loop: one DeepSpeed engine, one token stream, callbacks for everything else.
+
+    step s (0-based) reads loader.batch(s, micro, grad_accum) on each rank, for micro in
+    0..grad_accum-1: forward, loss = CE + aux (routing losses, already weighted),
+    engine.backward, engine.step (DeepSpeed accumulates, all-reduces, clips, and updates
+    at the last micro-step). Then log / validate / call callbacks / checkpoint.
+
+Exact resume: the data a step reads is a function of (seed, step), the RNG is reseeded
+from (seed, step, rank) before every step, and DeepSpeed restores module, optimizer and
+LR schedule, so a resumed run repeats the uninterrupted one's losses bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llm import checkpoint, parallel
+from llm.config import Config, save_config
+from llm.monitor import Callback, Monitor, peak_flops
+
+log = logging.getLogger("llm")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); one line naming the step."""
+
+
+def default_callbacks(cfg: Config) -> list[Callback]:
+    """The callbacks `llm train` runs. Routing statistics and downstream evaluation register here."""
+    return []
+
+
+def train(cfg: Config, callbacks: Optional[Sequence[Callback]] = None) -> dict[str, Any]:
+    """Train `cfg` to train.max_steps (resuming per train.resume); returns a summary dict."""
+    return Trainer(cfg, default_callbacks(cfg) if callbacks is None else callbacks).fit()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.run_dir = cfg.out_dir
+        t = cfg.train
+
+        parallel.init_distributed()
+        self.rank, self.world = parallel.rank(), parallel.world_size()
+        self.device = parallel.device()
+        self.data_dir = _ensure_data(cfg)
+        self.tokenizer_path = self.data_dir / "tokenizer.model"
+
+        resume_from = checkpoint.resume_checkpoint(cfg)
+        if resume_from is not None:
+            checkpoint.check_resumable(cfg, resume_from, self.world)
+        if parallel.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is None:
+                moved = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d-%H%M%S"))
+                if moved is not None:
+                    log.info("starting fresh: earlier checkpoints moved to %s", moved)
+            save_config(cfg, self.run_dir / "config.yaml")
+        parallel.barrier()
+
+        torch.manual_seed(t.seed)  # the same seed on every rank: identical initial weights
+        from llm.model import build_model, flops_per_token
+
+        self.model = build_model(cfg.model)
+        self.engine = parallel.build_engine(self.model, cfg)
+        self.model = self.engine.module  # the plain model, as the engine holds it (device, dtype)
+
+        self.step, self.tokens = 0, 0
+        self.last_checkpoint: Optional[Path] = None
+        if resume_from is not None:
+            state = checkpoint.restore(self.engine, resume_from)
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.last_checkpoint = resume_from
+
+        from llm.data import TokenLoader
+
+        dp_rank, dp_world = parallel.dp_rank_world()
+        self.loader = TokenLoader(self.data_dir / "train.bin", cfg.data.seq_len, t.micro_batch_size,
+                                  dp_rank, dp_world, t.seed)
+        self.val_set = TokenLoader(self.data_dir / "val.bin", cfg.data.seq_len, t.micro_batch_size,
+                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
+        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
+        self.monitor = Monitor(
+            cfg, self.run_dir, start_step=self.step, fresh=resume_from is None,
+            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+            peak_flops=peak_flops(cfg, self.device, parallel.use_bf16(cfg)), world=self.world,
+            enabled=parallel.is_main())
+        n_params = self.model.num_params(exclude_embedding=False)
+        self.monitor.message(
+            f"{cfg.name}: {n_params / 1e6:.2f}M parameters ({self.model.num_params() / 1e6:.2f}M non-embedding), "
+            f"{self.world} rank(s) on {self.device.type}, {'bf16' if parallel.use_bf16(cfg) else 'fp32'}, "
+            f"{self.tokens_per_step:,} tokens/step, run dir {self.run_dir}"
+            + (f", resuming from {resume_from} at step {self.step}" if resume_from is not None else ""))
+
+    # ------------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        start = self.step
+        losses: list[float] = []
+        last: dict[str, Any] = {}
+        val_loss: Optional[float] = None
+        seconds, ok = 0.0, False
+        try:
+            for cb in self.callbacks:
+                cb.on_train_start(self)
+            if start >= t.max_steps:
+                self.monitor.message(f"already at step {start} (train.max_steps={t.max_steps}); nothing to do")
+            while self.step < t.max_steps:
+                t0 = time.perf_counter()
+                last = self._train_step()
+                dt = time.perf_counter() - t0
+                seconds += dt
+                self.monitor.count(self.tokens_per_step, dt)
+                step, final = self.step, self.step == t.max_steps
+                losses.append(last["loss"])
+                if step % cfg.log.every == 0 or final:
+                    last.update(self.monitor.speed())
+                    self.log(step, last)
+                self.monitor.show(step, last)
+                if step % t.eval_every == 0 or final:
+                    val_loss = self.evaluate()
+                    self.log(step, {"val_loss": val_loss})
+                    self.monitor.message(f"step {step}: val_loss {val_loss:.4f}")
+                for cb in self.callbacks:
+                    cb.on_step(self, step, last)
+                if step % t.save_every == 0 or final:
+                    self.save()
+            summary = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "start_step": start,
+                "losses": losses,  # train loss (CE + aux) of steps start+1 .. step
+                "loss": last.get("loss"),
+                "ce": last.get("ce"),
+                "val_loss": val_loss,
+                "tokens_per_s": (self.step - start) * self.tokens_per_step / seconds if seconds else None,
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "run_dir": str(self.run_dir),
+            }
+            if summary["tokens_per_s"] and self.monitor.peak:
+                summary["mfu"] = self.monitor.flops_per_token * summary["tokens_per_s"] / self.monitor.peak
+            for cb in self.callbacks:
+                cb.on_train_end(self, summary)
+            ok = True
+            return summary
+        finally:
+            self.monitor.close(ok)
+
+    def _train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns its scalars (averaged over ranks)."""
+        t, engine = self.cfg.train, self.engine
+        torch.manual_seed(_step_seed(t.seed, self.step, self.rank))  # dropout etc.: a function of the step
+        ce_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            inputs, targets = self.loader.batch(self.step, micro, t.grad_accum)  # [B, T] each
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            out = engine(inputs)
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+            engine.backward(ce + out.aux_loss)  # DeepSpeed divides by grad_accum
+            ce_sum += ce.detach()
+            aux_sum += out.aux_loss.detach().float()
+            if micro < t.grad_accum - 1:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        # Check the loss before the update, so a NaN never reaches the weights.
+        ce, aux = (parallel.all_reduce_mean(torch.stack([ce_sum, aux_sum])) / t.grad_accum).tolist()
+        if not math.isfinite(ce + aux):
+            where = (f"last checkpoint: {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint saved yet")
+            raise TrainingError(f"loss is {ce + aux} at step {self.step + 1} (ce {ce}, aux {aux}); {where}")
+        lr = engine.get_lr()[0]
+        grad_norm = parallel.grad_norm(engine)
+        engine.step()
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        metrics = {"loss": ce + aux, "ce": ce, "aux": aux, "lr": lr, "tokens": self.tokens}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy over train.eval_batches fixed batches, averaged over ranks."""
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in self.val_set:
+            logits = self.engine(inputs.to(self.device)).logits
+            total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+        self.engine.train()
+        return (parallel.all_reduce_mean(total) / max(1, len(self.val_set))).item()
+
+    def save(self) -> Path:
+        """Checkpoint the current step (collective)."""
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "world_size": self.world,
+            "dp_world": parallel.dp_rank_world()[1],
+            "ep_size": self.cfg.parallel.ep_size,
+            "micro_batch_size": self.cfg.train.micro_batch_size,
+            "grad_accum": self.cfg.train.grad_accum,
+            "seq_len": self.cfg.data.seq_len,
+            "data_dir": str(self.data_dir),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self.last_checkpoint = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step,
+                                               self.tokenizer_path, state)
+        return self.last_checkpoint
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record scalars (metrics.jsonl, wandb); callable on every rank, only rank 0 writes."""
+        self.monitor.log(step, metrics)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """A well-mixed 64-bit seed per (seed, step, rank): no RNG state to save for exact resume."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
+
+
+def _ensure_data(cfg: Config) -> Path:
+    """Prepare the data on rank 0 if needed (others wait), and return its directory on every rank."""
+    from llm.data import data_dir, is_prepared, prepare
+
+    failure = None
+    if parallel.is_main():
+        try:
+            if not is_prepared(cfg):
+                prepare(cfg)
+        except Exception as err:  # handed to every rank below, so none waits forever
+            failure = err
+    failure = parallel.broadcast_from_main(failure)
+    if failure is not None:
+        raise failure
+    return data_dir(cfg)

@@ -1,0 +1,233 @@
+"""Routing benchmarks: the LapSum operator against torch.topk + softmax (`bench_operator`),
+and whole routed FFN layers against a dense FFN of the same active size and DeepSpeed's
+MoE layer (`bench_layers`).
+
+    python scripts/bench_routing.py --tokens 8192 --repeats 30 --threads 2
+    python scripts/bench_routing.py --only layers --threads 2
+
+Every variant runs forward + backward on the same scores; variants are interleaved
+round by round so that drifting clocks and caches hit them alike, and the median of
+the rounds is reported with its ratio to the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from llm.routing.lapsum import soft_topk
+
+
+def _time_rounds(fns: dict[str, Callable[[], None]], repeats: int, min_round_s: float) -> dict[str, float]:
+    """Median seconds per call of each fn, interleaving the fns round by round."""
+    # Warm up and size one round: enough calls that timer resolution does not matter.
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        n, elapsed = 1, 0.0
+        while True:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_round_s:
+                break
+            n *= 2
+        calls[name] = n
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        # Alternate the order so no variant always runs right after the same other one.
+        for name in names if r % 2 == 0 else reversed(names):
+            fn, n = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def bench_operator(
+    tokens: int = 8192,
+    experts: tuple[int, ...] = (8, 32, 128),
+    repeats: int = 20,
+    k: int = 2,
+    alpha: float = 1.0,
+    min_round_s: float = 0.02,
+    seed: int = 0,
+) -> list[dict]:
+    """Forward + backward of soft_topk against `v, i = scores.topk(k); softmax(v)`.
+
+    Both get fresh leaf scores of shape [tokens, E] in float32 and an upstream gradient
+    of their output's shape. Returns one row per E with the median times in ms.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n_exp in experts:
+        scores = torch.randn(tokens, n_exp, generator=gen).requires_grad_()  # [N, E]
+        g_soft = torch.randn(tokens, n_exp, generator=gen)  # [N, E]
+        g_hard = torch.randn(tokens, k, generator=gen)  # [N, k]
+
+        def topk_softmax():
+            scores.grad = None
+            v, _ = scores.topk(k, dim=-1)
+            (torch.softmax(v, dim=-1) * g_hard).sum().backward()
+
+        def lapsum():
+            scores.grad = None
+            (soft_topk(scores, float(k), alpha) * g_soft).sum().backward()
+
+        t = _time_rounds({"topk_softmax": topk_softmax, "soft_topk": lapsum}, repeats, min_round_s)
+        rows.append(
+            {
+                "E": n_exp,
+                "tokens": tokens,
+                "topk_softmax_ms": 1e3 * t["topk_softmax"],
+                "soft_topk_ms": 1e3 * t["soft_topk"],
+                "ratio": t["soft_topk"] / t["topk_softmax"],
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------- routed layers
+
+
+def _init_gloo() -> None:
+    """A 1-process gloo group, which DeepSpeed's MoE layer needs for its expert-parallel groups."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def bench_layers(
+    tokens: int = 4096,
+    d_model: int = 512,
+    shapes: tuple[tuple[int, int, int], ...] = ((8, 2, 1024), (32, 2, 256)),
+    repeats: int = 10,
+    min_round_s: float = 0.05,
+    deepspeed_baseline: bool = True,
+    seed: int = 0,
+) -> list[dict]:
+    """Forward + backward of one FFN layer on x [tokens, d_model] (as [4, tokens/4, d]), fp32.
+
+    Per (E, k, d_expert) in `shapes`, side by side in one run:
+      dense       SwiGLU with d_ff = k·d_expert: the same active parameters (the floor)
+      switch      top-1 over E experts of width k·d_expert (same active parameters)
+      topk        top-k over E experts of width d_expert, dropless
+      topk_cf1.25 the same with capacity_factor 1.25 (our position-order capacity)
+      lapsum      LapSum with k_l = k (fixed), cap c = 2, τ calibrated on the batch so the
+                  mean number of active experts ≈ k (reported as `active`)
+      deepspeed   deepspeed.moe.layer.MoE (through llm.routing.deepspeed_moe), k, capacity 1.25,
+                  use_rts False
+    Times are medians of interleaved rounds in ms; `vs_dense` is the ratio to the floor.
+    """
+    from llm.config import ModelConfig, RoutingConfig
+    from llm.routing.dense import DenseFFN
+    from llm.routing.moe import MoELayer
+
+    if deepspeed_baseline:
+        _init_gloo()
+        from llm.routing.deepspeed_moe import DeepSpeedMoE
+    gen = torch.Generator().manual_seed(seed)
+    B = 4
+    x = torch.randn(B, tokens // B, d_model, generator=gen).requires_grad_()  # [B, T, d]
+    g = torch.randn(B, tokens // B, d_model, generator=gen)  # upstream gradient
+    rows = []
+    for n_exp, k, d_expert in shapes:
+        def cfg(router: str, d_ff: int = k * d_expert, **routing) -> ModelConfig:
+            return ModelConfig(d_model=d_model, n_layers=1, n_heads=1, d_ff=d_ff, max_seq_len=tokens,
+                               routing=RoutingConfig(router=router, n_experts=n_exp, **routing))
+
+        torch.manual_seed(seed)
+        layers = {
+            "dense": DenseFFN(cfg("dense")),
+            "switch": MoELayer(cfg("switch", d_expert=k * d_expert)),
+            "topk": MoELayer(cfg("topk", d_expert=d_expert, top_k=k)),
+            "topk_cf1.25": MoELayer(cfg("topk", d_expert=d_expert, top_k=k, capacity_factor=1.25)),
+            "lapsum": MoELayer(cfg("lapsum", d_expert=d_expert, k_mean=float(k), budget="fixed",
+                                   expansion_cap=2.0, calibrate_tau=True)),
+        }
+        if deepspeed_baseline:
+            layers["deepspeed"] = DeepSpeedMoE(cfg("deepspeed_topk", d_expert=d_expert, top_k=k,
+                                                   ds_capacity_factor=1.25))
+
+        def step(layer):
+            def fn():
+                x.grad = None
+                layer.zero_grad(set_to_none=True)
+                y, aux = layer(x)
+                ((y * g).sum() + aux).backward()
+            return fn
+
+        t = _time_rounds({name: step(layer) for name, layer in layers.items()}, repeats, min_round_s)
+        for name, layer in layers.items():
+            stats = getattr(layer, "stats", {})
+            active = float(stats["active_mean"]) if "active_mean" in stats else float(
+                {"dense": 1, "switch": 1}.get(name, k))
+            rows.append({"E": n_exp, "k": k, "d_expert": d_expert, "layer": name, "active": active,
+                         "ms": 1e3 * t[name], "vs_dense": t[name] / t["dense"],
+                         "vs_topk": t[name] / t["topk"]})
+    return rows
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    print(title)
+    cols = list(rows[0])
+    print(" | ".join(f"{c:>15}" for c in cols))
+    for row in rows:
+        print(" | ".join(f"{row[c]:>15.3f}" if isinstance(row[c], float) else f"{row[c]:>15}" for c in cols))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--only", choices=["operator", "layers"], default=None, help="run one of the two benchmarks")
+    parser.add_argument("--layer-tokens", type=int, default=4096, help="tokens per layer call (bench_layers)")
+    parser.add_argument("--d-model", type=int, default=512, help="hidden size (bench_layers)")
+    parser.add_argument("--layer-repeats", type=int, default=10)
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip the deepspeed.moe baseline")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.only != "layers":
+        rows = bench_operator(args.tokens, tuple(args.experts), args.repeats, args.k, args.alpha)
+        _print_table(
+            f"soft_topk vs topk+softmax, forward+backward, {args.tokens} tokens, k={args.k}, "
+            f"alpha={args.alpha}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            rows,
+        )
+    if args.only != "operator":
+        rows = bench_layers(args.layer_tokens, args.d_model, repeats=args.layer_repeats,
+                            deepspeed_baseline=not args.no_deepspeed)
+        _print_table(
+            f"routed FFN layers, forward+backward, {args.layer_tokens} tokens, d_model={args.d_model}, fp32, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+            rows,
+        )
+
+
+if __name__ == "__main__":
+    main()

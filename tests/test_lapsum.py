@@ -1,0 +1,212 @@
+"""LapSum soft top-k (llm/routing/lapsum.py) against a naive bisection and finite differences."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llm.routing import lapsum
+from llm.routing.lapsum import soft_topk
+
+EXPERTS = (2, 3, 8, 32, 256)
+ALPHAS = (1e-4, 0.1, 1.0, 1e4)
+
+
+def laplace_cdf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x <= 0, 0.5 * torch.exp(x.clamp_max(0)), 1 - 0.5 * torch.exp(-x.clamp_min(0)))
+
+
+def bisection(scores: torch.Tensor, k: torch.Tensor | float, alpha: float) -> torch.Tensor:
+    """p from Σ_i F((r_i − t)/α) = k solved for t by 100 halvings in float64."""
+    r = scores.double()  # [..., E]
+    k = torch.as_tensor(k, dtype=torch.float64).expand(r.shape[:-1]).unsqueeze(-1)  # [..., 1]
+    lo = r.min(-1, keepdim=True).values - 60 * alpha
+    hi = r.max(-1, keepdim=True).values + 60 * alpha
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        too_low = laplace_cdf((r - mid) / alpha).sum(-1, keepdim=True) > k
+        lo, hi = torch.where(too_low, mid, lo), torch.where(too_low, hi, mid)
+    return laplace_cdf((r - (lo + hi) / 2) / alpha)
+
+
+@pytest.fixture(params=["window", "sorted"])
+def path(request, monkeypatch):
+    """Run a test on both threshold searches: the top-m window and the full sort."""
+    monkeypatch.setattr(lapsum, "_MAX_WINDOW", 10_000 if request.param == "window" else 0)
+    return request.param
+
+
+def budgets(n: int) -> list[float]:
+    return sorted({1e-3, 0.5, 1.0, min(2.0, n - 0.5), 2.7 % n, n / 2, n - 1.0, n - 1e-3} - {0.0, float(n)})
+
+
+def scores_with_ties(rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    scores = torch.randn(rows, n, generator=gen, dtype=torch.float64)  # [rows, E]
+    if n > 2:
+        scores[:, 1] = scores[:, 0]  # a tie in every row
+        scores[: rows // 4] = scores[: rows // 4].round()  # many ties, integer gaps
+    return scores
+
+
+@pytest.mark.parametrize("n", EXPERTS)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_matches_bisection(path, n, alpha):
+    gen = torch.Generator().manual_seed(n)
+    ks = budgets(n)
+    scores = scores_with_ties(16 * len(ks), n, gen)  # [rows, E]
+    k_rows = torch.tensor(ks, dtype=torch.float64).repeat_interleave(16)  # [rows]
+    expected = bisection(scores, k_rows, alpha)
+    # Rounding of r/α sets the floor: float64 ulp(r)/α.
+    atol = 1e-12 + 2e-13 / alpha
+    torch.testing.assert_close(soft_topk(scores, k_rows, alpha), expected, atol=atol, rtol=0)
+    for j, k in enumerate(ks):  # python-float k, one block of rows each
+        block = slice(16 * j, 16 * (j + 1))
+        p = soft_topk(scores[block], k, alpha)
+        torch.testing.assert_close(p, expected[block], atol=atol, rtol=0)
+        torch.testing.assert_close(p.sum(-1), torch.full((16,), k, dtype=torch.float64), atol=1e-12 * n, rtol=0)
+        # float32: the same up to float32 rounding of s = r/α.
+        p32 = soft_topk(scores[block].float(), k, alpha)
+        assert p32.dtype == torch.float32 and torch.isfinite(p32).all()
+        atol32 = 2e-6 + 3e-7 * scores[block].abs().max().item() / alpha
+        torch.testing.assert_close(p32.double(), expected[block], atol=atol32, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "n, k, alpha",
+    [
+        (2, 1.0, 1.0),
+        (3, 0.5, 0.3),
+        (8, 2.0, 1.0),
+        (8, 1e-3, 1.0),  # k near 0
+        (8, 8 - 1e-3, 1.0),  # k near E
+        (8, 5.5, 0.7),  # past E/2: the flipped window
+        (32, 3.5, 0.05),  # small alpha: nearly hard
+        (32, 16.0, 1e4),  # large alpha: nearly uniform
+        (256, 2.0, 1.0),
+        (256, 200.0, 2.0),
+    ],
+)
+def test_gradcheck(path, n, k, alpha):
+    gen = torch.Generator().manual_seed(n)
+    scores = scores_with_ties(3, n, gen).requires_grad_()  # [3, E]
+    k_row = torch.full((3,), k, dtype=torch.float64)
+    k_row[0] *= 0.9  # a different budget per row
+    k_row.requires_grad_()
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(soft_topk, (scores, k_row, a), fast_mode=n > 32)
+    # Scalar k and float alpha take other branches of the backward.
+    k_scalar = torch.tensor(k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, kk: soft_topk(s, kk, alpha), (scores, k_scalar), fast_mode=n > 32)
+
+
+def test_gradcheck_leading_dims(path):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)  # [B, T, E]
+    k = torch.tensor([1.0, 2.5, 3.0], dtype=torch.float64, requires_grad=True)  # one per position
+    a = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(soft_topk, (scores, k, a))
+    p = soft_topk(scores, k, a)
+    assert p.shape == scores.shape
+    torch.testing.assert_close(p.sum(-1), k.detach().expand(2, 3))
+
+
+@pytest.mark.parametrize("n", EXPERTS)
+def test_properties(path, n):
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(64, n, generator=gen).requires_grad_()  # [rows, E]
+    for k in budgets(n):
+        p = soft_topk(scores, k, 1.0)
+        assert ((p > 0) & (p < 1)).all()
+        torch.testing.assert_close(p.sum(-1), torch.full((64,), k), atol=2e-6 * n, rtol=0)
+        # Monotone in the score: sorting the scores sorts p.
+        order = scores.detach().argsort(-1)
+        assert (p.detach().gather(-1, order).diff(dim=-1) >= 0).all()
+        # The budget is preserved under any perturbation: gradient rows sum to zero.
+        (grad,) = torch.autograd.grad((p * torch.randn(64, n, generator=gen)).sum(), scores)
+        torch.testing.assert_close(grad.sum(-1), torch.zeros(64), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", EXPERTS)
+def test_small_alpha_is_hard_topk(path, n):
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.stack([torch.randperm(n, generator=gen) for _ in range(8)]).float()  # gaps of 1  [8, E]
+    for k in sorted({1, n // 2, n - 1}):
+        p = soft_topk(scores, float(k), 1e-3)
+        hard = torch.zeros_like(p).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+        torch.testing.assert_close(p, hard, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n", EXPERTS)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_extremes_are_finite(path, n, alpha):
+    gen = torch.Generator().manual_seed(n)
+    scores = (10 * torch.randn(8, n, generator=gen)).requires_grad_()  # [8, E]
+    for k in (1e-3, n - 1e-3, n / 2):
+        p = soft_topk(scores, k, alpha)
+        (grad,) = torch.autograd.grad((p * torch.randn(8, n, generator=gen)).sum(), scores)
+        assert torch.isfinite(p).all() and torch.isfinite(grad).all()
+        assert ((p >= 0) & (p <= 1)).all()
+        torch.testing.assert_close(p.sum(-1), torch.full((8,), k), atol=1e-5 * n, rtol=1e-6)
+
+
+def test_bf16_autocast_is_fp32_accurate():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=gen)
+    router = torch.nn.Linear(32, 16, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router(x)  # bf16 under autocast  [64, 16]
+        assert logits.dtype == torch.bfloat16
+        p = soft_topk(logits, 2.0, 1.0)
+        p_fp32 = soft_topk(logits.float(), 2.0, 1.0)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, p_fp32, atol=0, rtol=0)
+    torch.testing.assert_close(p.double(), bisection(logits.double(), 2.0, 1.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.sum(-1), torch.full((64,), 2.0), atol=1e-6, rtol=0)
+    p.square().sum().backward()
+    assert router.weight.grad is not None and torch.isfinite(router.weight.grad).all()
+
+
+def test_budget_tensor_gets_its_dtype_gradient():
+    scores = torch.randn(16, 8, requires_grad=True)
+    k = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)  # as ExpertBudget hands it over
+    soft_topk(scores, k).pow(2).sum().backward()
+    assert k.grad is not None and k.grad.dtype == torch.float64 and scores.grad.dtype == torch.float32
+
+
+def test_no_grad():
+    with torch.no_grad():
+        p = soft_topk(torch.randn(4, 8, requires_grad=True), 2.0)
+    assert not p.requires_grad
+
+
+def test_paths_agree():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(256, 128, generator=gen)
+    for k in (0.7, 2.0, 6.0):
+        windowed = soft_topk(scores, k, 0.5)
+        sorted_path = lapsum._SoftTopK.apply(scores, k, 0.5, None, False)
+        torch.testing.assert_close(windowed, sorted_path, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [0.0, -1.0, 8.0, 9.0, math.nan])
+def test_rejects_bad_k(k):
+    with pytest.raises(ValueError, match="0 < k < E"):
+        soft_topk(torch.randn(4, 8), k)
+    with pytest.raises(ValueError, match="0 < k < E"):
+        soft_topk(torch.randn(4, 8), torch.tensor([2.0, 2.0, k, 2.0]))
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, math.nan])
+def test_rejects_bad_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha > 0"):
+        soft_topk(torch.randn(4, 8), 2.0, alpha)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        soft_topk(torch.randn(4, 8), 2.0, torch.tensor(alpha))
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="does not broadcast"):
+        soft_topk(torch.randn(4, 8), torch.full((5,), 2.0))
+    with pytest.raises(ValueError, match="0-dim"):
+        soft_topk(torch.randn(4, 8), 2.0, torch.ones(4))

@@ -1,0 +1,177 @@
+"""The routed layer in a full model: causality (SPEC.md §6), batch invariance, the
+budget (§3.3), overfitting one batch, stats, configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config
+from llm.model import build_model
+from llm.routing.moe import MoELayer
+from tests.causality import assert_causal
+
+VOCAB, T = 64, 16
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and does not stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(router: str, seed: int = 0, **routing) -> torch.nn.Module:
+    routing = {"n_experts": 8, "d_expert": 32, **routing}
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=2, d_ff=64, max_seq_len=32,
+                      routing=RoutingConfig(router=router, **routing))
+    cfg.validate()
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    # A sharper router than the init, so routing really differs between tokens.
+    for ffn in model.routed_ffns():
+        torch.nn.init.normal_(ffn.router.gate.weight, std=0.3)
+    return model
+
+
+def _ids(batch=3, seq=T, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+ROUTERS = [("switch", {}), ("topk", {"top_k": 2}), ("lapsum", {"k_mean": 1.5}),
+           ("lapsum", {"k_mean": 1.5, "calibrate_tau": True, "budget": "fixed"})]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+@pytest.mark.parametrize("router,extra", ROUTERS)
+def test_causal(router, extra, capacity_factor):
+    model = tiny(router, capacity_factor=capacity_factor, **extra)
+    ids = _ids()
+    assert_causal(model, ids, positions=[0, 1, T // 2, T - 2, T - 1], vocab_size=VOCAB)
+    if capacity_factor is not None:  # the capacity really dropped slots in these runs
+        assert any(float(f.stats["dropped_frac"]) > 0 for f in model.routed_ffns())
+
+
+@pytest.mark.parametrize("router,extra", ROUTERS[:3])
+def test_batch_invariance_dropless(router, extra):
+    """A sequence's logits do not depend on the other sequences of the batch."""
+    model = tiny(router, **extra).eval()
+    ids = _ids(batch=4)
+    others = _ids(batch=4, seed=1)
+    with torch.no_grad():
+        full = model(ids).logits
+        for b in range(4):
+            alone = model(ids[b:b + 1]).logits[0]
+            torch.testing.assert_close(alone, full[b], rtol=0, atol=1e-5)
+        mixed = model(torch.cat([others[:2], ids[1:2], others[2:]])).logits[2]
+    torch.testing.assert_close(mixed, full[1], rtol=0, atol=1e-5)
+
+
+def _train(model, steps, lr, ids, check=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        out = model(ids[:, :-1])
+        loss = F.cross_entropy(out.logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        (loss + out.aux_loss).backward()
+        opt.step()
+        losses.append(loss.item())
+        if check is not None:
+            check(model)
+    return losses
+
+
+def test_budget_sums_to_K_exactly_and_moves():
+    model = tiny("lapsum", k_mean=1.5, budget="learned")
+    K = 1.5 * 3
+
+    def check(m):
+        ks = m.budget().detach()
+        assert abs(float(ks.sum()) - K) <= 1e-9
+        assert bool((ks >= 1).all())
+
+    check(model)
+    torch.testing.assert_close(model.budget(), torch.full((3,), 1.5, dtype=torch.float64))
+    _train(model, 8, 1e-2, _ids(batch=4, seq=T + 1), check)
+    ks = model.budget().detach()
+    assert (ks - 1.5).abs().max() > 1e-3, f"k_l did not move from uniform: {ks.tolist()}"
+    with torch.no_grad():
+        model(_ids())
+    layer_ks = [float(f.stats["k"]) for f in model.routed_ffns()]  # each layer ran with its own k_l
+    assert layer_ks == pytest.approx(ks.tolist(), abs=1e-12)
+
+
+@pytest.mark.parametrize("router,extra", [("topk", {"top_k": 2}), ("lapsum", {"k_mean": 1.5})])
+def test_overfits_one_batch(router, extra):
+    model = tiny(router, **extra)
+    losses = _train(model, 60, 1e-2, _ids(batch=4, seq=T + 1, seed=3))
+    assert losses[0] > 3.5  # ≈ ln 64 at init
+    assert losses[-1] < 0.3, f"{router}: loss {losses[0]:.2f} -> {losses[-1]:.2f}"
+
+
+def test_stats_fields():
+    ids = _ids()
+    for router, extra in ROUTERS[:3]:
+        for capacity_factor in (None, 0.5):
+            model = tiny(router, capacity_factor=capacity_factor, **extra)
+            model(ids)
+            layer = model.routed_ffns()[0]
+            assert isinstance(layer, MoELayer)
+            s = layer.stats
+            N = ids.numel()
+            assert s["active_per_token"].shape == ids.shape
+            assert int(s["active_hist"].sum()) == N
+            assert float(s["active_mean"]) == pytest.approx(s["active_per_token"].float().mean().item())
+            assert float(s["load"].sum()) == pytest.approx(1.0)
+            assert s["load"].shape == (8,)
+            assert 0 < float(s["router_entropy"]) <= torch.log(torch.tensor(8.0)).item() + 1e-6
+            if capacity_factor is None:
+                assert float(s["dropped_frac"]) == 0.0
+                if router != "lapsum":
+                    assert float(s["active_mean"]) == float(s["k"])
+            else:
+                assert float(s["dropped_frac"]) > 0
+            assert ("tau" in s) == (router == "lapsum")
+            assert all(not v.requires_grad for v in s.values())
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.routing.k_mean=0.5"], "k_mean=0.5: expected >= 1"),
+    (["model.routing.k_mean=2.0"], "allows k_l up to 5"),  # learned: 1 + (2 − 1)·4 = 5 >= E = 4
+    (["model.routing.k_mean=4.0", "model.routing.budget=fixed"], "expected < n_experts=4"),
+])
+def test_infeasible_budget_rejected_at_config_time(overrides, match):
+    base = ["model.n_layers=4", "model.routing.router=lapsum", "model.routing.n_experts=4"]
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, base + overrides)
+    load_config(None, base + ["model.routing.k_mean=1.5", "model.routing.budget=fixed"])  # feasible
+
+
+ROUTED_CONFIGS = ["tiny-switch", "tiny-topk", "tiny-lapsum", "tiny-lapsum-fixed",
+                  "gpt-125m-topk2", "gpt-125m-lapsum"]
+
+
+@pytest.mark.parametrize("name", ROUTED_CONFIGS)
+def test_configs(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    m = cfg.model
+    r = m.routing
+    expert = 3 * m.d_model * (r.d_expert or m.d_ff)
+    with torch.device("meta"):
+        model = build_model(m)
+    total = model.num_params(exclude_embedding=False)
+    active_experts = {"switch": 1, "topk": r.top_k, "lapsum": r.k_mean}[r.router]
+    active = total - len(m.routed_layers()) * (r.n_experts - active_experts) * expert
+    if name.startswith("tiny"):
+        dense = load_config(CONFIGS / "tiny-dense.yaml").model
+        assert (m.d_model, m.n_layers, m.vocab_size) == (dense.d_model, dense.n_layers, dense.vocab_size)
+        assert r.n_experts == 8
+    else:
+        assert 90e6 < active < 150e6, f"{name}: {active / 1e6:.0f}M active parameters"
+        assert (r.n_experts, m.n_layers, m.d_model, m.max_seq_len) == (32, 12, 768, 1024)

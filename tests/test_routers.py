@@ -1,0 +1,191 @@
+"""Routers against the formulas of SPEC.md §2 (Switch, top-k, LB loss, z-loss) and §3.2
+(LapSum truncation)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm.routing.routers as routers
+from llm.config import ModelConfig, RoutingConfig
+from llm.model import build_model
+from llm.routing.lapsum import soft_topk
+from llm.routing.routers import LapSumRouter, TopKRouter, load_balancing_loss, z_loss
+
+D, E = 16, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and does not stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _topk(k, aux=0.01, z=0.001):
+    torch.manual_seed(0)
+    return TopKRouter(D, E, k, init_std=0.5, aux_loss_coef=aux, z_loss_coef=z)
+
+
+def _lapsum(k_max=3.0, tau=0.05, cap=2.0, calibrate=False, alpha=1.0):
+    torch.manual_seed(0)
+    return LapSumRouter(D, E, k_max=k_max, alpha=alpha, tau=tau, expansion_cap=cap, calibrate_tau=calibrate,
+                        init_std=0.5, aux_loss_coef=0.01, z_loss_coef=0.001)
+
+
+def test_switch_is_argmax_with_unnormalised_probability():
+    router = _topk(1)
+    x = torch.randn(32, D)
+    out = router(x)
+    p = torch.softmax(x @ router.gate.weight.T, -1)
+    assert torch.equal(out.experts[:, 0], p.argmax(-1))
+    torch.testing.assert_close(out.weights[:, 0], p.max(-1).values)
+    assert out.valid is None and float(out.k) == 1.0
+
+
+def test_topk_renormalises_the_chosen_weights():
+    router = _topk(3)
+    x = torch.randn(32, D)
+    out = router(x)
+    p = torch.softmax(x @ router.gate.weight.T, -1)
+    top, idx = p.topk(3, -1)
+    assert torch.equal(out.experts, idx)
+    torch.testing.assert_close(out.weights, top / top.sum(-1, keepdim=True))
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(32))
+
+
+def test_load_balancing_loss_is_one_under_uniform_routing():
+    router = _topk(2)
+    torch.nn.init.zeros_(router.gate.weight)  # every token: p = 1/E
+    out = router(torch.randn(64, D))
+    torch.testing.assert_close(out.lb_loss, torch.tensor(1.0))
+    # and for balanced hard assignments with non-uniform but balanced probabilities
+    probs = torch.full((E, E), 0.5 / (E - 1)).fill_diagonal_(0.5)
+    experts = torch.arange(E)[:, None]
+    torch.testing.assert_close(load_balancing_loss(probs, experts, None), torch.tensor(1.0))
+
+
+def test_load_balancing_loss_formula_and_gradient():
+    torch.manual_seed(1)
+    logits = torch.randn(40, E, requires_grad=True)
+    probs = logits.softmax(-1)
+    experts = probs.topk(2, -1).indices
+    valid = torch.rand(40, 2) > 0.3
+    f = torch.stack([((experts == i) & valid).sum() for i in range(E)]).double() / valid.sum()
+    expected = E * (f * probs.double().mean(0)).sum()
+    loss = load_balancing_loss(probs, experts, valid)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-6, atol=1e-7)
+    loss.backward()  # f carries no gradient: d/dP_i = E f_i / N per token
+    assert logits.grad.abs().sum() > 0
+
+
+def test_z_loss_and_aux_loss_coefficients():
+    router = _topk(2, aux=0.03, z=0.007)
+    x = torch.randn(32, D)
+    out = router(x)
+    logits = x @ router.gate.weight.T
+    expected_z = torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(out.z_loss, expected_z)
+    torch.testing.assert_close(z_loss(logits), expected_z)
+    torch.testing.assert_close(out.aux_loss, 0.03 * out.lb_loss + 0.007 * out.z_loss)
+
+
+def test_router_logits_are_fp32_under_bf16():
+    router = _topk(2).to(torch.bfloat16)
+    out = router(torch.randn(8, D, dtype=torch.bfloat16))
+    assert out.probs.dtype == torch.float32 and out.weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [1.0, 1.5, 2.7])
+def test_lapsum_truncation(k):
+    router = _lapsum(k_max=3.0, tau=0.05, cap=2.0)
+    assert router.slots == 6  # min(E, ceil(2 · 3))
+    x = torch.randn(64, D) * 2
+    kt = torch.tensor(k, dtype=torch.float64)
+    out = router(x, kt)
+    p = soft_topk(x @ router.gate.weight.T, kt, 1.0)
+    torch.testing.assert_close(p.sum(-1), torch.full((64,), k, dtype=torch.float32))
+    cap = math.ceil(2.0 * k)
+    # Kept: the largest p, only those > τ, at most ceil(c·k_l) per token.
+    assert (out.valid.sum(-1) <= cap).all()
+    kept_p = p.gather(-1, out.experts)
+    assert (kept_p[out.valid] > 0.05).all()
+    torch.testing.assert_close(out.weights, torch.where(out.valid, kept_p, torch.zeros(())))
+    for n in range(64):  # every expert with p > τ is kept unless the cap is full
+        above = int((p[n] > 0.05).sum())
+        assert int(out.valid[n].sum()) == min(above, cap)
+    # Not renormalised: weights are p itself, so they sum to at most k.
+    assert (out.weights.sum(-1) <= k + 1e-5).all()
+    assert (out.weights.sum(-1) < k - 1e-3).any()
+    # LB loss uses P_i = mean p_i / k_l: probs rows sum to 1.
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(64))
+
+
+def test_lapsum_cap_rounds_float64_budgets_as_exact():
+    router = _lapsum(k_max=2.0, tau=0.0, cap=2.0)
+    k = 1 + torch.softmax(torch.zeros(12, dtype=torch.float64), 0)[0] * 6.0  # 1.5 up to rounding
+    out = router(torch.randn(32, D), k)
+    assert int(out.valid.sum(-1).max()) == 3  # ceil(2 · 1.5), not 4
+
+
+def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
+    """Truncation zeroes weights, but ∂L/∂r is dense through the threshold (SPEC §3.2)."""
+    captured = {}
+    original = routers.router_logits
+
+    def spy(gate, x):
+        logits = original(gate, x)
+        logits.retain_grad()
+        captured["logits"] = logits
+        return logits
+
+    monkeypatch.setattr(routers, "router_logits", spy)
+    router = _lapsum(k_max=2.0, tau=0.1, cap=1.0)  # at most ceil(1.5) = 2 of 8 experts kept
+    k = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    out = router(torch.randn(16, D), k)
+    (out.weights * torch.randn(16, router.slots)).sum().backward()
+    grad = captured["logits"].grad  # [N, E]
+    kept_mask = torch.zeros(16, E, dtype=torch.bool).scatter_(1, out.experts, out.valid)
+    dropped = ~kept_mask
+    assert dropped.sum() >= 16 * 5
+    assert (grad[dropped].abs() > 0).float().mean() > 0.9
+    assert k.grad is not None and k.grad != 0
+
+
+def test_lapsum_tau_calibration_then_frozen_and_checkpointed():
+    router = _lapsum(k_max=3.0, tau=0.01, cap=2.0, calibrate=True)
+    k = torch.tensor(1.5, dtype=torch.float64)
+    router.eval()
+    router(torch.randn(64, D), k)
+    assert not bool(router.tau_calibrated) and float(router.tau) == pytest.approx(0.01)
+    router.train()
+    out = router(torch.randn(512, D), k)
+    assert bool(router.tau_calibrated)
+    assert float(out.valid.sum(-1).float().mean()) == pytest.approx(1.5, abs=0.01)
+    tau = float(router.tau)
+    router(torch.randn(512, D) * 3, k)  # frozen: a different batch does not move it
+    assert float(router.tau) == tau
+    state = router.state_dict()
+    assert {"tau", "tau_calibrated"} <= set(state)
+    fresh = _lapsum(k_max=3.0, tau=0.01, cap=2.0, calibrate=True)
+    fresh.load_state_dict(state)
+    fresh.train()
+    fresh(torch.randn(512, D), k)
+    assert float(fresh.tau) == tau
+
+
+def test_router_parameter_names_avoid_the_word_expert():
+    """DeepSpeed treats any parameter named *expert* as an expert parameter."""
+    for router in ("switch", "topk", "lapsum"):
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16,
+                          routing=RoutingConfig(router=router, n_experts=4, d_expert=32))
+        cfg.validate()
+        names = [n for n, _ in build_model(cfg).named_parameters()]
+        assert any(".router.gate." in n for n in names)
+        for name in names:
+            if "expert" in name:
+                assert ".experts.w" in name, name

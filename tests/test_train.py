@@ -1,0 +1,230 @@
+"""`llm train` end to end through the CLI: real DeepSpeed on gloo, subprocesses, no mocks.
+
+One tiny corpus and one `llm prepare` serve the whole module; every run is a fresh
+process, as a user would start it. DeepSpeed's shm comm op compiles once (~30 s) into
+TORCH_EXTENSIONS_DIR and is reused by every later process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llm.checkpoint import load_model
+from llm.monitor import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12  # a straight run; the resume test restarts from its checkpoint at STEPS // 2
+
+TINY = {
+    "model": {"vocab_size": 320, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_seq_len": 64},
+    "data": {"seq_len": 32, "num_proc": 1, "val_fraction": 0.05},
+    "train": {"max_steps": STEPS, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_every": 6,
+              "eval_batches": 2, "save_every": STEPS // 2, "keep_checkpoints": 2},
+    "log": {"wandb": "disabled", "every": 1},
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+             TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                 str(Path.home() / ".cache" / "torch_extensions")),
+             PYTHONPATH=str(REPO))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def run(*args: str, cwd: Path, launcher: tuple[str, ...] = (sys.executable, "-m", "llm"),
+        timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r}
+
+
+def make_corpus(path: Path, n_docs: int = 120, seed: int = 0) -> None:
+    """Sentences from a small grammar: learnable structure, so the loss falls within a few steps."""
+    rng = random.Random(seed)
+    nouns = ["cat", "dog", "bird", "fish", "queen", "king", "rabbit", "turtle", "garden", "river"]
+    verbs = ["sees", "likes", "follows", "paints", "visits", "finds"]
+    adjectives = ["small", "red", "quiet", "old", "bright", "curious"]
+    with path.open("w") as f:
+        for i in range(n_docs):
+            sentences = [f"the {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} "
+                         f"the {rng.choice(nouns)}." for _ in range(rng.randint(20, 40))]
+            f.write(json.dumps({"text": f"Story {i}. " + " ".join(sentences)}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A directory with corpus.jsonl, tiny.yaml and the prepared data cache (via `llm prepare`)."""
+    root = tmp_path_factory.mktemp("train")
+    make_corpus(root / "corpus.jsonl")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    proc = ok(run("prepare", "tiny.yaml", cwd=root))
+    assert (Path(proc.stdout.strip().splitlines()[-1]) / "train.bin").is_file()
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight(workdir) -> Path:
+    """An uninterrupted STEPS-step run (checkpoints at STEPS/2 and STEPS), shared by several tests."""
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/straight", cwd=workdir))
+    return workdir / "runs" / "straight"
+
+
+@pytest.mark.slow
+def test_train_end_to_end(straight):
+    files = sorted(p.name for p in straight.iterdir())
+    assert files == ["checkpoints", "config.yaml", "metrics.jsonl"], files
+    resolved = yaml.safe_load((straight / "config.yaml").read_text())
+    assert resolved["name"] == "tiny" and resolved["train"]["max_steps"] == STEPS
+    assert resolved["train"]["out_dir"] == "runs/straight"
+
+    losses = train_losses(straight)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 1.0, losses  # ln(320) = 5.8 at the start
+    assert sorted(val_losses(straight)) == [6, 12] and val_losses(straight)[12] < val_losses(straight)[6]
+    last = [r for r in read_metrics(straight) if "loss" in r][-1]
+    assert {"ce", "aux", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(last)
+    assert last["tokens"] == STEPS * 8 * 32 and "mfu" not in last  # no peak FLOP/s known on CPU
+
+    ckpts = straight / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_0000012"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000006", "step_0000012"]
+    step = ckpts / "step_0000012"
+    assert sorted(p.name for p in step.iterdir()) == ["config.yaml", "engine", "model.pt", "tokenizer.model",
+                                                       "trainer.json"]
+    trainer = json.loads((step / "trainer.json").read_text())
+    assert trainer["step"] == STEPS and trainer["tokens"] == STEPS * 8 * 32 and trainer["world_size"] == 1
+
+    loaded = load_model(straight)  # the checkpoint alone rebuilds the model
+    assert loaded.step == STEPS and loaded.tokenizer.vocab_size == 320
+    ids = torch.tensor([loaded.tokenizer.encode("the small cat sees the dog.")])
+    assert loaded.model(ids).logits.shape == (1, ids.shape[1], 320)
+
+
+@pytest.mark.slow
+def test_resume_is_exact(workdir, straight):
+    half = straight / "checkpoints" / "step_0000006"
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/resumed", f"train.resume={half}", cwd=workdir))
+    resumed, full = train_losses(workdir / "runs" / "resumed"), train_losses(straight)
+    assert sorted(resumed) == list(range(7, STEPS + 1))
+    for s in resumed:
+        assert resumed[s] == pytest.approx(full[s], abs=1e-6), (s, resumed[s], full[s])
+    assert val_losses(workdir / "runs" / "resumed")[12] == pytest.approx(val_losses(straight)[12], abs=1e-6)
+
+    # resume=auto on a finished run finds its latest checkpoint and has nothing left to do
+    proc = ok(run("train", "tiny.yaml", "train.out_dir=runs/straight", cwd=workdir))
+    assert "already at step 12" in proc.stderr
+    assert train_losses(straight) == full
+
+
+@pytest.mark.slow
+def test_fresh_start_keeps_old_checkpoints(workdir, straight):
+    shutil.copytree(straight, workdir / "runs" / "again")
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/again", "train.resume=none", "train.max_steps=2",
+           "train.save_every=2", cwd=workdir))
+    again = workdir / "runs" / "again"
+    kept = [p for p in again.iterdir() if p.name.startswith("checkpoints.")]
+    assert len(kept) == 1 and (kept[0] / "step_0000012" / "model.pt").is_file()
+    assert (again / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert sorted(train_losses(again)) == [1, 2]
+    assert train_losses(again)[1] == pytest.approx(train_losses(straight)[1], abs=1e-6)  # same seed, same start
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_step_and_checkpoint(workdir):
+    proc = run("train", "tiny.yaml", "train.out_dir=runs/nan", "train.lr=1.0e30", "train.warmup_steps=0",
+               "train.save_every=1", cwd=workdir)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: loss is ") and "at step 2" in line, line
+    assert "runs/nan/checkpoints/step_0000001" in line, line
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_errors_are_one_line(workdir, capsys, monkeypatch):
+    """Config and data errors stop before any process group exists, so main() runs in-process here."""
+    from llm.cli import main
+
+    monkeypatch.chdir(workdir)
+
+    def error(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err.strip()
+
+    assert error("train", "tiny.yaml", "train.max_step=5") == \
+        "error: unknown key train.max_step; did you mean train.max_steps?"
+    assert error("train", "tiny.yaml", "model.d_model=66").startswith("error: model.d_model=66 must be divisible")
+    assert error("train", "tiny.yaml", "train.lr=fast") == "error: train.lr='fast': expected a number"
+    assert error("train", "missing.yaml") == "error: config file missing.yaml not found"
+    assert "nowhere" in error("prepare", "tiny.yaml", "data.corpus=[nowhere/*.jsonl]")
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_model(workdir, straight):
+    proc = run("train", "tiny.yaml", "train.out_dir=runs/straight", "model.d_ff=192", "train.max_steps=20",
+               cwd=workdir)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot resume") and "model.d_ff=192" in line, line
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(workdir, straight):
+    """torchrun, 2 gloo ranks x 4 sequences == 1 rank x 8 sequences (the same global batch)."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m", "llm")
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/dp2", "train.micro_batch_size=4", cwd=workdir,
+           launcher=torchrun))
+    two, one = train_losses(workdir / "runs" / "dp2"), train_losses(straight)
+    assert sorted(two) == sorted(one)
+    for s in one:
+        assert two[s] == pytest.approx(one[s], abs=1e-5), (s, two[s], one[s])
+    assert val_losses(workdir / "runs" / "dp2")[12] == pytest.approx(val_losses(straight)[12], abs=1e-5)
+    trainer = json.loads((workdir / "runs" / "dp2" / "checkpoints" / "step_0000012" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and trainer["tokens"] == STEPS * 8 * 32
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher(workdir, straight):
+    launcher = (sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(free_port()), "--module", "llm")
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/ds2", "train.micro_batch_size=2", "train.grad_accum=2",
+           "train.max_steps=4", "train.save_every=4", cwd=workdir, launcher=launcher))
+    losses = train_losses(workdir / "runs" / "ds2")
+    assert sorted(losses) == [1, 2, 3, 4]
+    # the same global batch (2 ranks x 2 sequences x 2 accumulation steps) as `straight` at step 1
+    assert losses[1] == pytest.approx(train_losses(straight)[1], abs=1e-5)

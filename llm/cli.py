@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(run=fn)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("llm").setLevel(logging.INFO if rank == 0 else logging.WARNING)  # ours; others stay quiet
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     from llm.train import TrainingError
 

@@ -175,6 +175,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = ""  # run directory; empty = runs/<config name>
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint path
+    # Resume model weights, step and LR schedule but a fresh optimizer: for a checkpoint
+    # whose optimizer state was split over another topology (world size / ep_size).
+    resume_weights_only: bool = False
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
 
     def validate(self) -> None:
@@ -194,10 +197,14 @@ class TrainConfig:
 class ParallelConfig:
     ep_size: int = 1  # expert-parallel ranks; each holds n_experts / ep_size experts per layer
     zero_stage: int = 0
+    # SMEAR under expert parallelism: all-gather the experts (gather) or reduce-scatter
+    # partial merges (reduce); auto picks the one that moves fewer numbers. Same result.
+    smear_merge: str = "auto"
 
     def validate(self) -> None:
         _positive("parallel.ep_size", self.ep_size)
         _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("parallel.smear_merge", self.smear_merge, ("auto", "gather", "reduce"))
 
 
 @dataclass

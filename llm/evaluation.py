@@ -164,13 +164,29 @@ class LLMEvalModel(TemplateLM):
     # -- forward passes
 
     @torch.inference_mode()
-    def _logits(self, rows: list[list[int]], cache=None) -> torch.Tensor:
-        """Logits [B, T, V] of right-padded rows."""
+    def _tail_logits(self, rows: list[list[int]], n: int) -> torch.Tensor:
+        """Logits [B, n, V] at the last n positions of each row (rows right-padded into one batch).
+
+        Scoring needs the logits of the continuation only, so the final hidden states are
+        gathered at those positions before the vocabulary projection (a pre-hook on
+        lm_head): that skips most of the projection, the largest matmul of a small model.
+        """
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        return self.model(ids.to(self._device), cache=cache).logits
+        ends = torch.tensor([len(r) for r in rows])
+        index = (ends[:, None] - n + torch.arange(n)).clamp(min=0).to(self._device)  # [B, n]
+
+        def gather(module, args):
+            (hidden,) = args  # [B, T, d]
+            return (hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])),)
+
+        handle = self.model.lm_head.register_forward_pre_hook(gather)
+        try:
+            return self.model(ids.to(self._device)).logits
+        finally:
+            handle.remove()
 
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -216,10 +232,11 @@ class LLMEvalModel(TemplateLM):
         for chunk in collator.get_batched(n=self.batch_size):
             rows = [(context + continuation)[-(self.max_length + 1):][:-1]  # left-truncated input
                     for _, context, continuation in chunk]
-            logits = self._logits(rows)  # [B, T, V]
-            for (strings, context, continuation), row, row_logits in zip(chunk, rows, logits):
+            width = max(len(c) for _, _, c in chunk)
+            logits = self._tail_logits(rows, width)  # [B, width, V]
+            for (strings, context, continuation), row_logits in zip(chunk, logits):
                 n = len(continuation)
-                logprobs = F.log_softmax(row_logits[len(row) - n:len(row)].float(), dim=-1)  # [n, V]
+                logprobs = F.log_softmax(row_logits[width - n:].float(), dim=-1)  # [n, V]
                 greedy = logprobs.argmax(-1)
                 for req_strings, cont, lp in collator.get_cache(
                         req_str=strings, cxt_toks=context, cont_toks=continuation, logits=logprobs[None]):
@@ -566,8 +583,14 @@ class EvalCallback(Callback):
         """cfg: EvalConfig; tokenizer: the run's Tokenizer (default: loaded from `trainer.tokenizer_path`)."""
         self.cfg = cfg
         self.tokenizer = tokenizer
-        # Bad task names or missing data fail when the run starts, not `every` steps into it.
-        self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir or None) if cfg.every else None
+        self.tasks = None
+        if cfg.every:  # bad task names or missing data fail when the run starts, as config errors
+            from llm.config import ConfigError
+
+            try:
+                self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir or None)
+            except EvalError as err:
+                raise ConfigError(f"eval.tasks={','.join(cfg.tasks)}: {err}") from None
 
     def on_train_start(self, trainer) -> None:
         if self.tokenizer is None and self.cfg.every:

@@ -43,7 +43,6 @@ from llm.monitor import Callback
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from llm.checkpoint import Loaded
     from llm.config import Config
 
 log = logging.getLogger("llm")
@@ -73,7 +72,7 @@ class LayerTally:
         self.load = np.zeros(n_experts)  # computed token-slots per expert
         self.routed = 0.0  # token-slots the router asked for (before capacity)
         self.entropy = 0.0  # Σ entropy · (tokens | segments)
-        self.has_active = self.has_entropy = self.has_dropped = False
+        self.has_active = self.has_entropy = False
         self.segments = 0.0
         self.weights = np.zeros(n_experts)  # Σ merge weights · segments
         self.max_weight = 0.0
@@ -119,7 +118,6 @@ class LayerTally:
         # computed = routed · (1 − dropped); routed = 0 is the only way to drop everything.
         dropped = float(s["dropped_frac"])
         self.routed += round(computed / (1.0 - dropped)) if dropped < 1.0 else 0.0
-        self.has_dropped = True
         self.entropy += n * float(s["router_entropy"])
         self.has_entropy = True
 
@@ -152,7 +150,7 @@ class LayerTally:
             r["load"] = load.tolist()
             r["load_min"], r["load_max"] = float(load.min()), float(load.max())
             r["load_cv"] = float(load.std() / load.mean())  # population std; 0 = perfectly even
-        if self.has_dropped:
+        if self.has_active:
             r["dropped"] = float(1.0 - self.load.sum() / self.routed) if self.routed > 0 else 0.0
         if self.segments > 0:
             r["merge_weights"] = (self.weights / self.segments).tolist()
@@ -223,21 +221,19 @@ def check_routed(cfg: "Config", where: Path) -> None:
                               f"llm inspect needs a routed checkpoint ({', '.join(ROUTED)})")
 
 
-def data_batches(loaded: "Loaded", split: str, n: int) -> tuple[Path, list[torch.Tensor]]:
-    """`n` fixed batches (inputs [B, T]) of `split` from the data the checkpoint was trained on."""
+def data_batches(cfg: "Config", ckpt: Path, split: str, n: int) -> tuple[Path, list[torch.Tensor]]:
+    """`n` fixed batches (inputs [B, T]) of `split` from the data checkpoint `ckpt` (config `cfg`) names."""
     from llm.data import DataError, TokenLoader, data_dir, is_prepared
 
-    cfg = loaded.config
-    config_path = loaded.path / "config.yaml"
     try:
         directory = data_dir(cfg)
         ready = is_prepared(cfg)
     except DataError as err:  # e.g. the corpus files are not on this machine
-        raise DataError(f"cannot locate the data of {loaded.path}: {err}") from None
+        raise DataError(f"cannot locate the data of {ckpt}: {err}") from None
     if not ready:
-        raise DataError(f"the data of {loaded.path} is not prepared: expected {directory} "
+        raise DataError(f"the data of {ckpt} is not prepared: expected {directory} "
                         f"(data.corpus={cfg.data.corpus}, data.cache_dir={cfg.data.cache_dir}); "
-                        f"run `llm prepare {config_path}`")
+                        f"run `llm prepare {ckpt / 'config.yaml'}`")
     loader = TokenLoader(directory / f"{split}.bin", cfg.data.seq_len, cfg.train.micro_batch_size)
     batches = [inputs for inputs, _ in loader.val_batches(n)]
     if not batches:
@@ -262,16 +258,14 @@ def measure(model: torch.nn.Module, batches: Iterable[torch.Tensor], n_experts: 
 def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[int] = None,
                        device: Optional[str] = None) -> dict[str, Any]:
     """The routing report of one checkpoint (a dict; README.md "Inspecting routing" has the schema)."""
-    ckpt = resolve(path)
     from llm.config import load_config
 
-    check_routed(load_config(ckpt / "config.yaml"), ckpt)  # before building the model
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(ckpt, device=device)
-    cfg = loaded.config
+    ckpt = resolve(path)
+    cfg = load_config(ckpt / "config.yaml")
+    check_routed(cfg, ckpt)  # both checks before building the model
+    directory, inputs = data_batches(cfg, ckpt, split, batches or cfg.train.eval_batches)
+    loaded = load_model(ckpt, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     r = cfg.model.routing
-    n = batches or cfg.train.eval_batches
-    directory, inputs = data_batches(loaded, split, n)
     if r.router == "deepspeed_topk":
         from llm.parallel import init_distributed
 
@@ -432,9 +426,12 @@ def plot_budget(report: dict[str, Any]) -> "Figure":
     active = [r["active_mean"] for r in rows]
     has_active = all(a is not None for a in active)
     width = 0.4 if has_active else 0.7
-    ax.bar(x - (width / 2 if has_active else 0), k, width, label="budget $k_l$", color="tab:blue")
+    k_label = "budget $k_l$" if report["router"] == "lapsum" else "top_k"
+    bars = ax.bar(x - (width / 2 if has_active else 0), k, width, label=k_label, color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
     if has_active:
-        ax.bar(x + width / 2, active, width, label="active experts / token (mean)", color="tab:orange")
+        bars = ax.bar(x + width / 2, active, width, label="active experts / token (mean)", color="tab:orange")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center")
     if report["k_mean"] is not None:
         ax.axhline(report["k_mean"], color="black", ls="--", lw=1, label=f"uniform $\\bar k$ = {report['k_mean']:g}")
     ax.set_xticks(x, [str(r["layer"]) for r in rows])
@@ -442,8 +439,8 @@ def plot_budget(report: dict[str, Any]) -> "Figure":
     ax.set_ylabel("experts per token")
     K = f", K = {report['K']:g}" if report["K"] is not None else ""
     ax.set_title(f"Expert budget per layer{K}\n{_title(report)}", fontsize=10)
-    ax.set_ylim(0, max(v for v in k + active + [report["k_mean"] or 0] if v is not None) * 1.2)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(v for v in k + active + [report["k_mean"] or 0] if v is not None) * 1.15)
+    fig.legend(fontsize=8, loc="outside upper center", ncols=3, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -487,10 +484,9 @@ def _heatmap(report: dict[str, Any], values: np.ndarray, label: str, title: str,
     L, E = values.shape
     fig = _figure(max(5.0, 0.45 * E + 3), max(3.0, 0.45 * L + 1.8))
     ax = fig.add_subplot()
-    if center is not None:
-        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-        span = max(hi - center, center - lo, 1e-6)
-        norm = TwoSlopeNorm(vcenter=center, vmin=center - span, vmax=center + span)
+    if center is not None:  # values ≥ 0: blue below the center, white at it, red above
+        hi = max(float(np.nanmax(values)) if np.isfinite(values).any() else 0.0, 2 * center)
+        norm = TwoSlopeNorm(vcenter=center, vmin=0.0, vmax=hi)
         im = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
     else:
         im = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0)
@@ -499,9 +495,10 @@ def _heatmap(report: dict[str, Any], values: np.ndarray, label: str, title: str,
         norm_vals = im.norm(values)
         for l in range(L):
             for e in range(E):
-                light = center is None and norm_vals[l, e] < 0.6 or center is not None and abs(norm_vals[l, e] - 0.5) > 0.3
+                # white on the dark ends of the colormap: low viridis, either end of RdBu
+                dark = norm_vals[l, e] < 0.6 if center is None else abs(norm_vals[l, e] - 0.5) > 0.3
                 ax.text(e, l, format(values[l, e], fmt), ha="center", va="center", fontsize=7,
-                        color="white" if light else "black")
+                        color="white" if dark else "black")
     ax.set_xticks(np.arange(E))
     ax.set_yticks(np.arange(L), [str(r["layer"]) for r in rows])
     ax.set_xlabel("expert")
@@ -534,7 +531,7 @@ def plot_entropy(report: dict[str, Any]) -> "Figure":
     fig = _figure(max(5.0, 0.7 * len(rows) + 3), 4)
     ax = fig.add_subplot()
     ent = [r["entropy"] if r["entropy"] is not None else np.nan for r in rows]
-    ax.bar(x, ent, 0.6, color="tab:green", label="mean routing entropy")
+    ax.bar_label(ax.bar(x, ent, 0.6, color="tab:green", label="mean routing entropy"), fmt="%.2f", fontsize=7)
     ax.axhline(math.log(report["n_experts"]), color="black", ls="--", lw=1,
                label=f"uniform: log {report['n_experts']} = {math.log(report['n_experts']):.2f}")
     ax.set_xticks(x, [str(r["layer"]) for r in rows])
@@ -564,10 +561,11 @@ def plot_over_time(reports: list[dict[str, Any]]) -> "Figure":
     if key == "entropy":
         ax.axhline(math.log(first["n_experts"]), color="black", ls="--", lw=1, label="uniform (log E)")
     ax.set_xlabel("training step")
-    ax.set_ylabel(label)
+    ax.set_ylabel(label.replace("k_l", "$k_l$"))
     run = _run_label(first["checkpoint"]).split("/")[0]
-    ax.set_title(f"{label[0].upper() + label[1:]} per layer during training\n{run} · {first['router']} · "
-                 f"{len(reports)} checkpoints", fontsize=10)
+    what = label[0].upper() + label[1:].replace("k_l", "$k_l$")
+    ax.set_title(f"{what} per layer during training\n{run} · {first['router']} · {len(reports)} checkpoints",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     return fig

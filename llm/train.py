@@ -51,6 +51,7 @@ class Trainer:
 
         parallel.init_distributed()
         self.rank, self.world = parallel.rank(), parallel.world_size()
+        parallel.init_expert_parallel(cfg.parallel.ep_size, cfg.model.routing.n_experts)  # layout errors: now
         self.device = parallel.device()
         self.data_dir = _ensure_data(cfg)
         self.tokenizer_path = self.data_dir / "tokenizer.model"
@@ -70,14 +71,16 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same seed on every rank: identical initial weights
         from llm.model import build_model, flops_per_token
 
-        self.model = build_model(cfg.model)
+        self.model = parallel.apply_expert_parallel(build_model(cfg.model), cfg)  # this rank's experts
         self.engine = parallel.build_engine(self.model, cfg)
         self.model = self.engine.module  # the plain model, as the engine holds it (device, dtype)
 
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
-            state = checkpoint.restore(self.engine, resume_from)
+            restore = checkpoint.restore_weights if t.resume_weights_only else checkpoint.restore
+            state = restore(self.engine, resume_from)
+            parallel.follow_schedule(self.engine, t)
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
             self.last_checkpoint = resume_from
 
@@ -135,26 +138,33 @@ class Trainer:
                     cb.on_step(self, step, last)
                 if step % t.save_every == 0 or final:
                     self.save()
-            summary = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "start_step": start,
-                "losses": losses,  # train loss (CE + aux) of steps start+1 .. step
-                "loss": last.get("loss"),
-                "ce": last.get("ce"),
-                "val_loss": val_loss,
-                "tokens_per_s": (self.step - start) * self.tokens_per_step / seconds if seconds else None,
-                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-                "run_dir": str(self.run_dir),
-            }
-            if summary["tokens_per_s"] and self.monitor.peak:
-                summary["mfu"] = self.monitor.flops_per_token * summary["tokens_per_s"] / self.monitor.peak
+            summary = self._summary(start, losses, last, val_loss, seconds)
             for cb in self.callbacks:
                 cb.on_train_end(self, summary)
             ok = True
             return summary
         finally:
             self.monitor.close(ok)
+
+    def _summary(self, start: int, losses: list[float], last: dict[str, Any], val_loss: Optional[float],
+                 seconds: float) -> dict[str, Any]:
+        """What `train()` returns; tokens/s counts training steps only (not validation or saving)."""
+        tokens_per_s = (self.step - start) * self.tokens_per_step / seconds if seconds else None
+        summary = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "start_step": start,
+            "losses": losses,  # train loss (CE + aux) of steps start+1 .. step
+            "loss": last.get("loss"),
+            "ce": last.get("ce"),
+            "val_loss": val_loss,
+            "tokens_per_s": tokens_per_s,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "run_dir": str(self.run_dir),
+        }
+        if tokens_per_s and self.monitor.peak:
+            summary["mfu"] = self.monitor.flops_per_token * tokens_per_s / self.monitor.peak
+        return summary
 
     def _train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns its scalars (averaged over ranks)."""
@@ -179,10 +189,8 @@ class Trainer:
                      else "no checkpoint saved yet")
             raise TrainingError(f"loss is {ce + aux} at step {self.step + 1} (ce {ce}, aux {aux}); {where}")
         lr = engine.get_lr()[0]
-        grad_norm = parallel.grad_norm(engine)
         engine.step()
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm()  # before clipping; None when clipping is off
         self.step += 1
         self.tokens += self.tokens_per_step
         metrics = {"loss": ce + aux, "ce": ce, "aux": aux, "lr": lr, "tokens": self.tokens}

@@ -21,8 +21,13 @@ import torch
 from llm.routing.lapsum import soft_topk
 
 
-def _time_rounds(fns: dict[str, Callable[[], None]], repeats: int, min_round_s: float) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaving the fns round by round."""
+def _time_rounds(fns: dict[str, Callable[[], None]], repeats: int, min_round_s: float,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each fn, interleaving the fns round by round.
+
+    `clock`: wall time by default; `time.process_time` (CPU seconds of this process) is
+    steadier on a shared machine but only meaningful with one intra-op thread.
+    """
     # Warm up and size one round: enough calls that timer resolution does not matter.
     calls = {}
     for name, fn in fns.items():
@@ -30,10 +35,10 @@ def _time_rounds(fns: dict[str, Callable[[], None]], repeats: int, min_round_s: 
             fn()
         n, elapsed = 1, 0.0
         while True:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(n):
                 fn()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if elapsed >= min_round_s:
                 break
             n *= 2
@@ -44,10 +49,10 @@ def _time_rounds(fns: dict[str, Callable[[], None]], repeats: int, min_round_s: 
         # Alternate the order so no variant always runs right after the same other one.
         for name in names if r % 2 == 0 else reversed(names):
             fn, n = fns[name], calls[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(n):
                 fn()
-            samples[name].append((time.perf_counter() - start) / n)
+            samples[name].append((clock() - start) / n)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
@@ -59,6 +64,7 @@ def bench_operator(
     alpha: float = 1.0,
     min_round_s: float = 0.02,
     seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """Forward + backward of soft_topk against `v, i = scores.topk(k); softmax(v)`.
 
@@ -81,7 +87,7 @@ def bench_operator(
             scores.grad = None
             (soft_topk(scores, float(k), alpha) * g_soft).sum().backward()
 
-        t = _time_rounds({"topk_softmax": topk_softmax, "soft_topk": lapsum}, repeats, min_round_s)
+        t = _time_rounds({"topk_softmax": topk_softmax, "soft_topk": lapsum}, repeats, min_round_s, clock)
         rows.append(
             {
                 "E": n_exp,
@@ -121,10 +127,11 @@ def bench_layers(
     tokens: int = 4096,
     d_model: int = 512,
     shapes: tuple[tuple[int, int, int], ...] = ((8, 2, 1024), (32, 2, 256)),
-    repeats: int = 10,
+    repeats: int = 5,
     min_round_s: float = 0.05,
     deepspeed_baseline: bool = True,
     seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[dict]:
     """Forward + backward of one FFN layer on x [tokens, d_model] (as [4, tokens/4, d]), fp32.
 
@@ -137,7 +144,8 @@ def bench_layers(
                   mean number of active experts ≈ k (reported as `active`)
       deepspeed   deepspeed.moe.layer.MoE (through llm.routing.deepspeed_moe), k, capacity 1.25,
                   use_rts False
-    Times are medians of interleaved rounds in ms; `vs_dense` is the ratio to the floor.
+    `active` is experts computed per token (dense: its one FFN). Times are medians of
+    interleaved rounds in ms; `vs_dense` and `vs_topk` are ratios to those rows.
     """
     from llm.config import ModelConfig, RoutingConfig
     from llm.routing.dense import DenseFFN
@@ -177,7 +185,7 @@ def bench_layers(
                 ((y * g).sum() + aux).backward()
             return fn
 
-        t = _time_rounds({name: step(layer) for name, layer in layers.items()}, repeats, min_round_s)
+        t = _time_rounds({name: step(layer) for name, layer in layers.items()}, repeats, min_round_s, clock)
         for name, layer in layers.items():
             stats = getattr(layer, "stats", {})
             active = float(stats["active_mean"]) if "active_mean" in stats else float(
@@ -207,24 +215,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["operator", "layers"], default=None, help="run one of the two benchmarks")
     parser.add_argument("--layer-tokens", type=int, default=4096, help="tokens per layer call (bench_layers)")
     parser.add_argument("--d-model", type=int, default=512, help="hidden size (bench_layers)")
-    parser.add_argument("--layer-repeats", type=int, default=10)
+    parser.add_argument("--layer-repeats", type=int, default=5)
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the deepspeed.moe baseline")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with process CPU seconds instead of wall time (needs --threads 1; for a busy "
+                             "machine)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cpu_time and torch.get_num_threads() != 1:
+        parser.error("--cpu-time needs --threads 1 (CPU seconds of several threads include their spinning)")
     if args.only != "layers":
-        rows = bench_operator(args.tokens, tuple(args.experts), args.repeats, args.k, args.alpha)
+        rows = bench_operator(args.tokens, tuple(args.experts), args.repeats, args.k, args.alpha,
+                              clock=time.process_time if args.cpu_time else time.perf_counter)
         _print_table(
             f"soft_topk vs topk+softmax, forward+backward, {args.tokens} tokens, k={args.k}, "
-            f"alpha={args.alpha}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            f"alpha={args.alpha}, {torch.get_num_threads()} threads, "
+            f"{'CPU' if args.cpu_time else 'wall'} time, torch {torch.__version__}",
             rows,
         )
     if args.only != "operator":
         rows = bench_layers(args.layer_tokens, args.d_model, repeats=args.layer_repeats,
-                            deepspeed_baseline=not args.no_deepspeed)
+                            deepspeed_baseline=not args.no_deepspeed,
+                            clock=time.process_time if args.cpu_time else time.perf_counter)
         _print_table(
             f"routed FFN layers, forward+backward, {args.layer_tokens} tokens, d_model={args.d_model}, fp32, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+            f"{torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, torch {torch.__version__}",
             rows,
         )
 

@@ -1,17 +1,24 @@
 """SMEAR benchmark: the segment-shifted SMEAR layer against a dense SwiGLU FFN of one expert's size.
 
-    python scripts/bench_smear.py --batch 2 --seq-len 1024 --d-model 768 --d-ff 2048 \\
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \\
+        python scripts/bench_smear.py --batch 2 --seq-len 1024 --d-model 768 --d-ff 2048 \\
         --experts 8 --segment-len 256 --repeats 10 --threads 2
 
 Every variant runs forward + backward on the same hidden states (train mode, so expert
-dropout is on). Variants are interleaved round by round; the median round is reported with
-its ratio to the dense FFN, in wall time and in process CPU time (on CUDA read wall time). Memory is reported twice:
+dropout is on). Variants are interleaved round by round; reported are the median time and
+the median over rounds of the ratio to the dense FFN, in wall time and in process CPU time
+(less disturbed by other jobs on shared cores; on CUDA read wall time). Memory is reported twice:
 - held: memory allocated in forward and still alive when it returns (what backward needs,
   plus the output). This is what adds up over the layers of a model.
 - peak: the highest allocation above the starting point during forward + backward.
 On CPU both come from the allocation events of torch.profiler; on CUDA from
 torch.cuda.memory_allocated / max_memory_allocated. Parameter gradients exist before the
 measured step, so the accumulation into them is counted but not their storage.
+
+On CPU, run it with glibc's mmap off (as in the command above): blocks over 32 MiB (the
+merged experts and their gradients at these shapes) are otherwise returned to the OS on
+every free and page-faulted back in on the next step, which costs more than the merge itself
+and does not happen under the CUDA caching allocator. The header says which allocator mode ran.
 
 Variants: `smear` keeps the merged experts for backward; `smear recompute` is the layer with
 `recompute: true` (selective checkpoint: only the merge is redone in backward);
@@ -20,6 +27,7 @@ Variants: `smear` keeps the merged experts for backward; `smear recompute` is th
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -35,8 +43,8 @@ from llm.routing.smear import SMEARLayer
 MiB = 2 ** 20
 
 
-def _median_seconds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (wall seconds, process CPU seconds) per call of each fn, interleaved round by round.
+def _time_rounds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall seconds, process CPU seconds) of each fn in each round; the fns are interleaved.
 
     CPU time (all threads) is less disturbed than wall time when other jobs share the cores.
     """
@@ -49,8 +57,13 @@ def _median_seconds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[st
             wall, cpu = time.perf_counter(), time.process_time()
             fns[name]()
             samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
-            for name, ts in samples.items()}
+    return samples
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b: each ratio compares runs a few seconds apart, so slow drifts
+    of the machine's load cancel."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _memory(forward: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, float]:
@@ -127,21 +140,25 @@ def main() -> None:
                 torch.cuda.synchronize()
         return run
 
-    seconds = _median_seconds({name: step(f) for name, f in forwards.items()}, args.repeats)
+    rounds = _time_rounds({name: step(f) for name, f in forwards.items()}, args.repeats)
     memory = {name: _memory(f, device) for name, f in forwards.items()}
 
     tokens = args.batch * args.seq_len
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} tokens={tokens} "
           f"(B={args.batch}, T={args.seq_len}) d={args.d_model} f={args.d_ff} E={args.experts} "
           f"S={args.segment_len} merge/FFN FLOP ratio E/S={args.experts / args.segment_len:.3f}")
+    if device.type == "cpu":
+        print(f"glibc MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset (large blocks mmapped)')}, "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| variant | fwd+bwd ms | vs dense | CPU ms | vs dense (CPU) | held after fwd MiB | peak fwd+bwd MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    base_wall, base_cpu = seconds["dense FFN (one expert)"]
+    base = rounds["dense FFN (one expert)"]
     for name in forwards:
-        (wall, cpu), (held, peak) = seconds[name], memory[name]
-        print(f"| {name} | {wall * 1e3:.1f} | {wall / base_wall:.2f}x | {cpu * 1e3:.1f} | {cpu / base_cpu:.2f}x "
+        wall, cpu = zip(*rounds[name])
+        held, peak = memory[name]
+        print(f"| {name} | {statistics.median(wall) * 1e3:.1f} | {_median_ratio(wall, [w for w, _ in base]):.2f}x "
+              f"| {statistics.median(cpu) * 1e3:.1f} | {_median_ratio(cpu, [c for _, c in base]):.2f}x "
               f"| {held / MiB:.1f} | {peak / MiB:.1f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -176,13 +176,18 @@ def batch(step: int):
 
 def run_steps(cfg: Config, steps: int = 5):
     engine = build(cfg)
-    losses, norms, budgets = [], [], []
+    losses, norms, budgets, ds_norms = [], [], [], []
     for step in range(steps):
         torch.manual_seed(10_000 + 100 * step + rank())  # expert dropout: same draw for ep 1 and 2
         inputs, targets = batch(step)
         out = engine(inputs)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten()) + out.aux_loss
         engine.backward(loss)
+        if cfg.parallel.zero_stage == 0 and not engine.bfloat16_enabled():
+            # What DeepSpeed's own fp32 clipping would use (max_norm huge: nothing is clipped).
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            ds_norms.append(float(clip_grad_norm_(engine.module.parameters(), max_norm=1e30)))
         engine.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
@@ -191,7 +196,7 @@ def run_steps(cfg: Config, steps: int = 5):
         norms.append(None if norm is None else float(norm))
         if engine.module.budget is not None:
             budgets.append(engine.module.budget().detach())
-    return engine, losses, norms, budgets
+    return engine, losses, norms, budgets, ds_norms
 
 
 def budget_check(budgets, total: float) -> dict:
@@ -212,20 +217,23 @@ def case_train() -> dict:
         "smear": dict(segment_len=4, expert_dropout=0.1),
         "deepspeed_topk": dict(top_k=2, ds_capacity_factor=2.0),
     }
-    runs = [(r, 0) for r in routers] + [("topk", 1), ("topk", 2)]
+    runs = [(r, 0, "fp32") for r in routers] + [("topk", 1, "fp32"), ("topk", 2, "fp32"), ("topk", 0, "bf16")]
     out = {}
-    for router, zero in runs:
+    for router, zero, dtype in runs:
         res = {}
         for ep_size in (1, 2):
             cfg = train_cfg(router, ep_size, zero, **routers[router])
-            engine, losses, norms, budgets = run_steps(cfg)
+            cfg.train.dtype = dtype
+            engine, losses, norms, budgets, ds_norms = run_steps(cfg)
             res[f"ep{ep_size}"] = {"losses": losses, "grad_norms": norms}
+            if ds_norms:
+                res[f"ep{ep_size}"]["deepspeed_fp32_norms"] = ds_norms
             if budgets:
                 res[f"ep{ep_size}"]["budget"] = budget_check(budgets, cfg.model.routing.k_mean * 2)
-            if ep_size == 2 and zero == 0:
+            if ep_size == 2 and zero == 0 and dtype == "fp32":
                 res["roundtrip"] = roundtrip(engine.module, cfg)
             del engine
-        out[f"{router}_zero{zero}"] = res
+        out[f"{router}_zero{zero}" + ("_bf16" if dtype == "bf16" else "")] = res
     return out
 
 

@@ -20,7 +20,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llm.checkpoint import write_model_files
-from llm.config import Config, DataConfig, EvalConfig, ModelConfig, RoutingConfig
+from llm.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, ParallelConfig, RoutingConfig
 from llm.data import Tokenizer
 from llm.data.prepare import SPM_OPTIONS
 from llm.evaluation import EvalCallback, EvalError, LLMEvalModel, local_tasks, resolve_tasks, run_eval, task_config
@@ -130,17 +130,16 @@ def test_loglikelihood_equals_a_direct_forward_pass(tok):
     assert len(tok.encode(long_context)) > 2 * MAX_LEN
 
 
-def test_greedy_flag_is_true_for_the_models_own_argmax(tok):
+def test_greedy_flag_is_true_exactly_for_the_models_own_argmax(tok):
     model = make_model("dense")
     lm = LLMEvalModel(model=model, tokenizer=tok, progress=False)
     context = tok.encode("Once upon a time")
     with torch.no_grad():
-        best = int(model(torch.tensor([context])).logits[0, -1].argmax())
-    # Score the model's own next token, given as token ids decoded back to text.
-    text = tok.decode(context + [best])[len(tok.decode(context)):]
-    (score, greedy), = lm.loglikelihood(instances("loglikelihood", [("Once upon a time", text)]))
-    if tok.encode("Once upon a time" + text)[len(context):] == [best]:
-        assert greedy and score < 0
+        logits = model(torch.tensor([context])).logits[0, -1]
+    best, other = int(logits.argmax()), int(logits.argmin())
+    got = lm._loglikelihood_tokens([(None, context, [best]), (None, context, [other])])
+    assert [greedy for _, greedy in got] == [True, False]
+    assert got[0][0] == pytest.approx(float(F.log_softmax(logits, -1)[best]), abs=1e-5)
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))
@@ -297,11 +296,14 @@ def test_unknown_task_name_is_one_clear_line(monkeypatch):
 
 # ---------------------------------------------------------------------------- checkpoints and `llm eval`
 
-def write_checkpoint(path: Path, tokenizer_path: Path, router: str = "dense", vocab: int = VOCAB) -> Path:
-    cfg = Config(name="tiny-eval", model=model_config(router, vocab=vocab), data=DataConfig(seq_len=MAX_LEN))
+def write_checkpoint(path: Path, tokenizer_path: Path, router: str = "dense", vocab: int = VOCAB,
+                     ep_size: int = 1) -> Path:
+    """A checkpoint as training writes it (model.pt holds every expert, whatever ep_size trained it)."""
+    cfg = Config(name="tiny-eval", model=model_config(router, vocab=vocab), data=DataConfig(seq_len=MAX_LEN),
+                 parallel=ParallelConfig(ep_size=ep_size))
     torch.manual_seed(0)
     write_model_files(path, build_model(cfg.model).state_dict(), cfg.validate(), tokenizer_path,
-                      {"step": 42, "ep_size": 1})
+                      {"step": 42, "ep_size": ep_size, "world_size": ep_size})
     return path
 
 
@@ -327,7 +329,8 @@ def test_registered_with_lm_eval_and_run_eval_writes_results(tmp_path, tokenizer
     from lm_eval.api.registry import get_model
 
     assert get_model("llm") is LLMEvalModel
-    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000042", tokenizer_path, router="topk")
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000042", tokenizer_path, router="topk",
+                            ep_size=2)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_0000042")
     # lm-eval's own entry point with model_args, on a run directory (its latest checkpoint).
     tasks = resolve_tasks(["winogrande"], SAMPLE)
@@ -391,3 +394,5 @@ def test_eval_callback_runs_every_n_steps_and_leaves_the_model_as_it_was(tok):
     (step, scores), = logged
     assert step == 2 and 0 <= scores["eval/lambada_openai/acc"] <= 1 and "eval/lambada_openai/perplexity" in scores
     assert EvalCallback(EvalConfig(every=0, tasks=["nonexistent"]), tokenizer=tok).tasks is None  # off: no checks
+    with pytest.raises(ConfigError, match="eval.tasks=piqa: task piqa: data file .* not found"):
+        EvalCallback(EvalConfig(every=10, tasks=["piqa"], data_dir=str(SAMPLE)))  # `llm train` prints it

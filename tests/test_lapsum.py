@@ -18,22 +18,25 @@ def laplace_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 def bisection(scores: torch.Tensor, k: torch.Tensor | float, alpha: float) -> torch.Tensor:
-    """p from Σ_i F((r_i − t)/α) = k solved for t by 100 halvings in float64."""
+    """p from Σ_i F((r_i − t)/α) = k solved for t by halving in float64."""
     r = scores.double()  # [..., E]
     k = torch.as_tensor(k, dtype=torch.float64).expand(r.shape[:-1]).unsqueeze(-1)  # [..., 1]
     lo = r.min(-1, keepdim=True).values - 60 * alpha
     hi = r.max(-1, keepdim=True).values + 60 * alpha
-    for _ in range(100):
+    for _ in range(80):  # from a width of at most ~1e6 down to float64 resolution
         mid = (lo + hi) / 2
         too_low = laplace_cdf((r - mid) / alpha).sum(-1, keepdim=True) > k
         lo, hi = torch.where(too_low, mid, lo), torch.where(too_low, hi, mid)
     return laplace_cdf((r - (lo + hi) / 2) / alpha)
 
 
-@pytest.fixture(params=["window", "sorted"])
+PATHS = {"window": 10_000, "sorted": 0}
+
+
+@pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
     """Run a test on both threshold searches: the top-m window and the full sort."""
-    monkeypatch.setattr(lapsum, "_MAX_WINDOW", 10_000 if request.param == "window" else 0)
+    monkeypatch.setattr(lapsum, "_MAX_WINDOW", PATHS[request.param])
     return request.param
 
 
@@ -51,25 +54,28 @@ def scores_with_ties(rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", EXPERTS)
 @pytest.mark.parametrize("alpha", ALPHAS)
-def test_matches_bisection(path, n, alpha):
+def test_matches_bisection(monkeypatch, n, alpha):
     gen = torch.Generator().manual_seed(n)
     ks = budgets(n)
-    scores = scores_with_ties(16 * len(ks), n, gen)  # [rows, E]
-    k_rows = torch.tensor(ks, dtype=torch.float64).repeat_interleave(16)  # [rows]
+    rows = 4  # per budget
+    scores = scores_with_ties(rows * len(ks), n, gen)  # [rows · budgets, E]
+    k_rows = torch.tensor(ks, dtype=torch.float64).repeat_interleave(rows)  # [rows · budgets]
     expected = bisection(scores, k_rows, alpha)
-    # Rounding of r/α sets the floor: float64 ulp(r)/α.
-    atol = 1e-12 + 2e-13 / alpha
-    torch.testing.assert_close(soft_topk(scores, k_rows, alpha), expected, atol=atol, rtol=0)
-    for j, k in enumerate(ks):  # python-float k, one block of rows each
-        block = slice(16 * j, 16 * (j + 1))
-        p = soft_topk(scores[block], k, alpha)
-        torch.testing.assert_close(p, expected[block], atol=atol, rtol=0)
-        torch.testing.assert_close(p.sum(-1), torch.full((16,), k, dtype=torch.float64), atol=1e-12 * n, rtol=0)
-        # float32: the same up to float32 rounding of s = r/α.
-        p32 = soft_topk(scores[block].float(), k, alpha)
-        assert p32.dtype == torch.float32 and torch.isfinite(p32).all()
-        atol32 = 2e-6 + 3e-7 * scores[block].abs().max().item() / alpha
-        torch.testing.assert_close(p32.double(), expected[block], atol=atol32, rtol=0)
+    atol = 1e-12 + 2e-13 / alpha  # float64 rounding of s = r/α sets the floor
+    for max_window in PATHS.values():  # both searches against one (slow) oracle
+        monkeypatch.setattr(lapsum, "_MAX_WINDOW", max_window)
+        torch.testing.assert_close(soft_topk(scores, k_rows, alpha), expected, atol=atol, rtol=0)
+        for j, k in enumerate(ks):  # python-float k, one block of rows each
+            block = slice(rows * j, rows * (j + 1))
+            p = soft_topk(scores[block], k, alpha)
+            torch.testing.assert_close(p, expected[block], atol=atol, rtol=0)
+            k_sum = torch.full((rows,), k, dtype=torch.float64)
+            torch.testing.assert_close(p.sum(-1), k_sum, atol=1e-12 * n, rtol=0)
+            # float32: the same up to float32 rounding of s = r/α.
+            p32 = soft_topk(scores[block].float(), k, alpha)
+            assert p32.dtype == torch.float32 and torch.isfinite(p32).all()
+            atol32 = 2e-6 + 3e-7 * scores[block].abs().max().item() / alpha
+            torch.testing.assert_close(p32.double(), expected[block], atol=atol32, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -89,15 +95,15 @@ def test_matches_bisection(path, n, alpha):
 )
 def test_gradcheck(path, n, k, alpha):
     gen = torch.Generator().manual_seed(n)
-    scores = scores_with_ties(3, n, gen).requires_grad_()  # [3, E]
-    k_row = torch.full((3,), k, dtype=torch.float64)
+    scores = scores_with_ties(2, n, gen).requires_grad_()  # [2, E]
+    k_row = torch.full((2,), k, dtype=torch.float64)
     k_row[0] *= 0.9  # a different budget per row
     k_row.requires_grad_()
     a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(soft_topk, (scores, k_row, a), fast_mode=n > 32)
+    assert torch.autograd.gradcheck(soft_topk, (scores, k_row, a), fast_mode=n >= 32)
     # Scalar k and float alpha take other branches of the backward.
     k_scalar = torch.tensor(k, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s, kk: soft_topk(s, kk, alpha), (scores, k_scalar), fast_mode=n > 32)
+    assert torch.autograd.gradcheck(lambda s, kk: soft_topk(s, kk, alpha), (scores, k_scalar), fast_mode=n >= 32)
 
 
 def test_gradcheck_leading_dims(path):
@@ -186,7 +192,7 @@ def test_paths_agree():
     for k in (0.7, 2.0, 6.0):
         windowed = soft_topk(scores, k, 0.5)
         sorted_path = lapsum._SoftTopK.apply(scores, k, 0.5, None, False)
-        torch.testing.assert_close(windowed, sorted_path, atol=1e-6, rtol=0)
+        torch.testing.assert_close(windowed, sorted_path, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("k", [0.0, -1.0, 8.0, 9.0, math.nan])

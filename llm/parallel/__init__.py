@@ -3,13 +3,26 @@ from llm.parallel.engine import (
     build_engine,
     device,
     ds_config,
+    follow_schedule,
     full_state_dict,
-    grad_norm,
     init_distributed,
     param_groups,
     use_bf16,
 )
-from llm.parallel.groups import all_reduce_mean, barrier, broadcast_from_main, dp_rank_world, is_main, rank, world_size
+from llm.parallel.expert import apply_expert_parallel
+from llm.parallel.groups import (
+    all_reduce_mean,
+    barrier,
+    broadcast_from_main,
+    dp_rank_world,
+    init_expert_parallel,
+    is_main,
+    rank,
+    world_size,
+)
 
-__all__ = ["all_reduce_mean", "barrier", "broadcast_from_main", "build_engine", "device", "dp_rank_world", "ds_config",
-           "full_state_dict", "grad_norm", "init_distributed", "is_main", "param_groups", "rank", "use_bf16", "world_size"]
+__all__ = [
+    "all_reduce_mean", "apply_expert_parallel", "barrier", "broadcast_from_main", "build_engine", "device",
+    "dp_rank_world", "ds_config", "follow_schedule", "full_state_dict", "init_distributed",
+    "init_expert_parallel", "is_main", "param_groups", "rank", "use_bf16", "world_size",
+]

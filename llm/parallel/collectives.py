@@ -16,6 +16,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only those.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
@@ -47,14 +51,14 @@ def all_to_all(x: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[i
 def _reduce_scatter_sum(x: torch.Tensor, group) -> torch.Tensor:
     n = dist.get_world_size(group)
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    reduce_scatter_flat(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
     return out
 
 
 def _all_gather_cat(x: torch.Tensor, group) -> torch.Tensor:
     n = dist.get_world_size(group)
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    all_gather_flat(out, x.contiguous(), group=group)
     return out
 
 

@@ -6,11 +6,13 @@ The model (`llm.model`) knows nothing of this file; the trainer only calls
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,7 +47,11 @@ def init_distributed() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(verbose=False)
+    printed = io.StringIO()  # DeepSpeed prints a line about its shm op on every start
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(verbose=False)
+    if printed.getvalue().strip():
+        log.debug("%s", printed.getvalue().strip())
 
 
 def _free_port() -> int:
@@ -110,22 +116,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-class WarmupCosine:
-    """LR multiplier for optimizer step s (0-based): linear warmup, then cosine to min_lr_ratio.
+def warmup_cosine(t: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier of optimizer step s (0-based): linear warmup, then cosine to min_lr_ratio.
 
-    A class rather than a closure so that LambdaLR can save it with the checkpoint.
+    A closure on purpose: LambdaLR checkpoints the attributes of callable objects but not
+    of functions, so a resumed run follows its *current* config (a larger train.max_steps
+    stretches the cosine) while the step count comes from the checkpoint.
     """
+    warmup, total, floor = t.warmup_steps, t.max_steps, t.min_lr_ratio
 
-    def __init__(self, t: TrainConfig):
-        self.warmup = t.warmup_steps
-        self.total = t.max_steps
-        self.floor = t.min_lr_ratio
+    def multiplier(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def __call__(self, s: int) -> float:
-        if s < self.warmup:
-            return (s + 1) / (self.warmup + 1)
-        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return multiplier
+
+
+def follow_schedule(engine, t: TrainConfig) -> None:
+    """After a resume, set the LR of the restored step from the *current* config.
+
+    DeepSpeed restores the scheduler's step count and the base LR of the run that saved
+    the checkpoint; train.lr, warmup_steps, min_lr_ratio and max_steps may differ now.
+    With an unchanged config this reproduces the uninterrupted run's LR exactly.
+    """
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+    scheduler.last_epoch -= 1
+    scheduler.step()
 
 
 def build_engine(model: nn.Module, cfg: Config):
@@ -142,24 +161,13 @@ def build_engine(model: nn.Module, cfg: Config):
         log.debug("param group %s: %d tensors, %d values, weight_decay=%g", g["name"], len(g["params"]),
                   sum(p.numel() for p in g["params"]), g["weight_decay"])
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(t))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(cfg))
+    from llm.parallel.expert import fix_fp32_clipping
+
+    fix_fp32_clipping(engine)  # fp32 without ZeRO: clip by the true global norm under expert parallelism
     return engine
-
-
-def grad_norm(engine) -> Optional[torch.Tensor]:
-    """Global gradient 2-norm (before clipping) where DeepSpeed does not report one.
-
-    Call after the last backward of a step, before `engine.step()`. DeepSpeed's bf16 and
-    ZeRO optimizers keep the norm they clip with (`engine.get_global_grad_norm()` after the
-    step); its plain fp32 path computes and discards it, so we compute it here (gradients
-    are already all-reduced at this point). Under expert parallelism this is the local norm.
-    """
-    if engine.bfloat16_enabled() or engine.zero_optimization_stage() > 0:
-        return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -25,8 +25,8 @@ every rank, `load_full_state_dict` slices them again, whatever ep_size wrote the
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from llm.config import ConfigError
 from llm.parallel import groups
-from llm.parallel.collectives import all_gather, all_to_all, reduce_scatter
+from llm.parallel.collectives import all_gather, all_gather_flat, all_to_all, reduce_scatter
 from llm.routing.deepspeed_moe import DeepSpeedMoE
 from llm.routing.experts import Experts
 
@@ -158,11 +159,9 @@ class ExpertParallelMerge:
         self.last_path: Optional[str] = None  # "gather" | "reduce", for tests and logs
 
     def path(self, G: int) -> str:
-        sizes = torch.tensor([G], dtype=torch.long)
-        if dist.get_backend(self.ep.group) == "nccl":
-            sizes = sizes.cuda()
+        sizes = torch.tensor([G], dtype=torch.long, device=self.experts.w1.device)
         gathered = sizes.new_empty(self.ep.size)
-        dist.all_gather_into_tensor(gathered, sizes, group=self.ep.group)
+        all_gather_flat(gathered, sizes, group=self.ep.group)
         all_g = gathered.tolist()
         equal = min(all_g) == max(all_g)
         if self.mode == "reduce":
@@ -195,6 +194,7 @@ class ExpertParallelMerge:
 
 # ---------------------------------------------------------------------------- sharding
 
+@functools.cache
 def _moe_flag_class():
     from deepspeed.moe.layer import MoE
 
@@ -270,7 +270,7 @@ def shard_experts(model: nn.Module, ep: Optional[ExpertParallel] = None, smear_m
 
     Call on the full model built with the same seed on every rank, after
     `groups.init_expert_parallel`, before `deepspeed.initialize`. A no-op at ep_size 1.
-    `smear_merge` forces SMEAR's path (auto | gather | reduce); env LLM_SMEAR_MERGE overrides it.
+    `smear_merge` (parallel.smear_merge) forces SMEAR's path: auto | gather | reduce.
     """
     from llm.routing.moe import MoELayer
     from llm.routing.smear import SMEARLayer
@@ -278,7 +278,6 @@ def shard_experts(model: nn.Module, ep: Optional[ExpertParallel] = None, smear_m
     ep = ep or ExpertParallel.current()
     if ep.size == 1:
         return model
-    smear_merge = os.environ.get("LLM_SMEAR_MERGE", smear_merge)
     n_experts = None
     for module in list(model.modules()):
         if isinstance(module, (MoELayer, SMEARLayer)):
@@ -288,7 +287,7 @@ def shard_experts(model: nn.Module, ep: Optional[ExpertParallel] = None, smear_m
         else:
             continue
         if n_experts % ep.size:
-            raise groups.LayoutError(f"parallel.ep_size={ep.size} must divide model.routing.n_experts={n_experts}")
+            raise ConfigError(f"parallel.ep_size={ep.size} must divide model.routing.n_experts={n_experts}")
         if isinstance(module, MoELayer):
             _shard_store(module.experts, ep)
             module.dispatcher.exchange = AllToAllExchange(ep, n_experts)
@@ -351,7 +350,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def _gather_rows(t: Tensor, ep: ExpertParallel) -> Tensor:
     t = t.contiguous()
     out = t.new_empty((ep.size * t.shape[0], *t.shape[1:]))
-    dist.all_gather_into_tensor(out, t, group=ep.group)
+    all_gather_flat(out, t, group=ep.group)
     return out
 
 
@@ -381,10 +380,55 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], strict: boo
 # ---------------------------------------------------------------------------- entry point
 
 def apply_expert_parallel(model: nn.Module, cfg) -> nn.Module:
-    """Check the layout, create the groups and shard `model` per `cfg.parallel` (a `Config`).
+    """Shard `model` per `cfg.parallel` (a `Config`); creates the groups if not done yet.
 
     Every rank calls it on the full model built from the same seed, before `build_engine`.
     """
-    routed = cfg.model.routing.router != "dense"
-    groups.init_expert_parallel(cfg.parallel.ep_size, cfg.model.routing.n_experts if routed else 1)
-    return shard_experts(model, smear_merge=getattr(cfg.parallel, "smear_merge", "auto"))
+    if groups.ep_size() != cfg.parallel.ep_size:
+        groups.init_expert_parallel(cfg.parallel.ep_size, cfg.model.routing.n_experts)
+    return shard_experts(model, smear_merge=cfg.parallel.smear_merge)
+
+
+# ---------------------------------------------------------------------------- gradient norm
+
+def global_grad_norm(model: nn.Module) -> Tensor:
+    """The 2-norm of the whole model's gradient, as if no parameter were sharded.
+
+    Call after DeepSpeed's gradient reduction. Replicated parameters hold the same
+    (reduced) gradient on every rank and count once; expert parameters hold different
+    experts on the ranks of an expert-parallel group, so their squares are summed over it.
+    """
+    shared, experts = [], []
+    for p in model.parameters():
+        if p.grad is not None:
+            (experts if getattr(p, "allreduce", True) is False else shared).append(p.grad.detach().float())
+    zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    shared_sq = sum((g.square().sum() for g in shared), zero)
+    expert_sq = sum((g.square().sum() for g in experts), zero.clone())
+    ep = ExpertParallel.current()
+    if ep.size > 1:
+        dist.all_reduce(expert_sq, group=ep.group)
+    return (shared_sq + expert_sq).sqrt()
+
+
+def fix_fp32_clipping(engine) -> None:
+    """Clip with the true global norm in DeepSpeed's fp32 path without ZeRO.
+
+    There DeepSpeed clips with `deepspeed.runtime.utils.clip_grad_norm_`, which takes
+    each rank's local norm and AVERAGES it over the data-parallel group: right when every
+    rank holds the same gradients, wrong under expert parallelism (each rank holds other
+    experts), and it reports no norm (`get_global_grad_norm()` is None). ZeRO 1/2 and
+    the bf16 optimizer compute the norm expert-aware themselves (tested against ep_size 1).
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+
+    def clip_fp32_gradients() -> None:
+        norm = global_grad_norm(engine.module)
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef.to(p.grad.dtype))
+        engine._global_grad_norm = norm.item()
+
+    engine.clip_fp32_gradients = clip_fp32_gradients  # called by DeepSpeedEngine._take_model_step

@@ -56,10 +56,6 @@ def dp_rank_world() -> tuple[int, int]:
     return rank(), world_size()
 
 
-# Expert-parallel groups (filled in with expert parallelism, from deepspeed.utils.groups):
-# e.g. ep_group() / ep_rank_world() and expert_dp_group() for the expert-data-parallel reduce.
-
-
 # ---------------------------------------------------------------------------- expert parallelism
 # Groups come from DeepSpeed's registry (`deepspeed.utils.groups`), the same ones its
 # engine uses to reduce expert gradients. With ep_size = n and world W: the
@@ -70,22 +66,21 @@ def dp_rank_world() -> tuple[int, int]:
 _EP_SIZE = 1
 
 
-class LayoutError(ValueError):
-    """An expert-parallel layout that cannot work, phrased as one line naming the numbers."""
-
-
 def init_expert_parallel(ep_size: int, n_experts: int) -> None:
     """Check the layout and create DeepSpeed's expert(-data)-parallel groups for ep_size.
 
     Call on every rank after torch.distributed is initialised (before building the engine).
+    An impossible layout raises a one-line ConfigError naming the numbers, on every rank.
     """
+    from llm.config import ConfigError
+
     global _EP_SIZE
     world = world_size()
     if ep_size < 1 or world % ep_size:
-        raise LayoutError(f"parallel.ep_size={ep_size} must divide the world size {world} "
+        raise ConfigError(f"parallel.ep_size={ep_size} must divide the world size {world} "
                           f"(world = nodes x processes per node)")
     if n_experts % ep_size:
-        raise LayoutError(f"parallel.ep_size={ep_size} must divide model.routing.n_experts={n_experts} "
+        raise ConfigError(f"parallel.ep_size={ep_size} must divide model.routing.n_experts={n_experts} "
                           f"(each rank holds n_experts / ep_size experts of every routed layer)")
     if ep_size > 1:
         from deepspeed.utils import groups as ds_groups

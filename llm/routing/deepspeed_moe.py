@@ -10,7 +10,9 @@ Settings, and how they differ from our `topk` router:
   a single decoding token still gets a slot. Dropping depends on the other tokens of the
   micro-batch, so this baseline is not causal under capacity (SPEC §2): use it for
   throughput and loss comparisons, not for the causality test.
-- `use_rts=False`: overflow tokens are dropped by gate score, not at random.
+- `use_rts=False`: overflow tokens are dropped by gate score, not at random, and
+  `top2_2nd_expert_sampling=False`: the second expert is the second largest, not drawn
+  with Gumbel noise (which DeepSpeed also does in eval mode, making logits random).
 - DeepSpeed's gate renormalises the chosen weights for k ≥ 2 and not for k = 1, like ours.
 - Only the load-balancing loss (DeepSpeed's l_aux), weighted by aux_loss_coef; no z-loss.
 
@@ -81,7 +83,7 @@ class DeepSpeedMoE(nn.Module):
         self.moe = _deepspeed_moe_class()(
             hidden_size=cfg.d_model, expert=SwiGLUExpert(cfg.d_model, d_expert), num_experts=r.n_experts,
             ep_size=1, k=r.top_k, capacity_factor=r.ds_capacity_factor, eval_capacity_factor=r.ds_capacity_factor,
-            min_capacity=0, drop_tokens=True, use_rts=False)
+            min_capacity=0, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
         # DeepSpeed deep-copies one expert E times: give each its own draw, in expert order.
         for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:
             expert.reset_parameters(cfg.init_std, output_std(cfg))

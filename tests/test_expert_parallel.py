@@ -1,0 +1,240 @@
+"""Expert parallelism (llm/parallel/expert.py) on 2 CPU processes with gloo and real DeepSpeed engines.
+
+One torchrun launch of tests/ep_worker.py measures everything that needs process groups
+(exchange vs local dispatcher, SMEAR merge paths, ep_size 2 vs 1 training under each
+router and ZeRO stage, checkpoint round trips) and hands the numbers back as JSON. Two
+`llm train` runs go through scripts/launch.sh: the DeepSpeed launcher with a localhost
+hostfile, and torchrun resuming its checkpoint under expert parallelism.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llm.config import ConfigError, load_config
+from llm.monitor import read_metrics
+from llm.parallel import groups
+from tests.test_train import REPO, TINY, env, free_port, make_corpus, ok, run, train_losses, val_losses
+
+STEPS = 6
+ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk"]
+
+
+@pytest.fixture(scope="module")
+def ep(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ep") / "results.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(REPO / "tests" / "ep_worker.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0 and out.is_file(), f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+    results = json.loads(out.read_text())
+    for name in ("exchange", "smear", "train"):
+        assert "error" not in results[name], results[name]["error"]
+    return results
+
+
+# ---------------------------------------------------------------------------- layers
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["topk", "switch_capacity", "topk_capacity", "lapsum"])
+def test_exchange_matches_local_dispatcher(ep, variant):
+    r = ep["exchange"][variant]
+    assert r["y"] <= 1e-6 and r["grad_x"] <= 1e-6 and r["grad_router"] <= 1e-6, r
+    assert r["grad_experts"] <= 1e-6, r  # sharded expert grads == local grads summed over ranks
+    if variant == "lapsum":
+        assert r["grad_k"] <= 1e-6, r
+
+
+@pytest.mark.slow
+def test_smear_merge_paths_match_local_merge(ep):
+    r = ep["smear"]
+    for path in ("gather", "reduce"):
+        assert r[path]["path"] == path
+        for key in ("y", "grad_x", "grad_experts", "grad_router"):
+            assert r[path][key] <= 1e-6, (path, r[path])
+    # E/ep = 2 local experts: reduce-scatter for 1 routing group per rank, all-gather for 4;
+    # ranks with different group counts always all-gather.
+    assert r["auto_paths"] == {"G=1": "reduce", "G=4": "gather", "G uneven": "gather"}
+
+
+# ---------------------------------------------------------------------------- training under DeepSpeed
+
+def _same_run(run: dict, loss_tol: float, norm_rtol: float) -> None:
+    a, b = run["ep1"], run["ep2"]
+    assert a["losses"] == pytest.approx(b["losses"], abs=loss_tol), (a["losses"], b["losses"])
+    assert None not in a["grad_norms"] and None not in b["grad_norms"]
+    assert a["grad_norms"] == pytest.approx(b["grad_norms"], rel=norm_rtol), (a["grad_norms"], b["grad_norms"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ROUTERS)
+def test_ep2_trains_like_ep1(ep, router):
+    """Same seed, same global batch, 5 steps, clipping active (grad_clip 0.05 < norm): same
+    losses and the same TRUE global gradient norm (DeepSpeed's own fp32 clipping averages
+    per-rank norms instead, see `deepspeed_fp32_norms`)."""
+    _same_run(ep["train"][f"{router}_zero0"], loss_tol=1e-5, norm_rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_ep2_trains_like_ep1_under_zero(ep, zero):
+    _same_run(ep["train"][f"topk_zero{zero}"], loss_tol=1e-5, norm_rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_ep2_trains_like_ep1_in_bf16(ep):
+    _same_run(ep["train"]["topk_zero0_bf16"], loss_tol=1e-4, norm_rtol=2e-3)  # bf16 rounding, other order
+
+
+@pytest.mark.slow
+def test_lapsum_budget_invariant_on_every_rank(ep):
+    for ep_size in ("ep1", "ep2"):
+        budget = ep["train"]["lapsum_zero0"][ep_size]["budget"]
+        assert budget["sum_err"] <= 1e-12 and budget["rank_disagreement"] == 0.0, budget
+    assert ep["train"]["lapsum_zero0"]["ep2"]["budget"]["k_last"] != [1.5, 1.5]  # η did learn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ROUTERS)
+def test_checkpoint_moves_between_ep_sizes(ep, router):
+    """full_state_dict under ep_size 2 loads into ep_size 1 (and back) with identical logits."""
+    r = ep["train"][f"{router}_zero0"]["roundtrip"]
+    assert r["ep2_vs_ep1"] <= 1e-6 and r["ep1_vs_ep2"] <= 1e-6, r
+    if router == "deepspeed_topk":
+        assert len(r["expert_shapes"]) == 8  # 2 layers x 4 global experts, one key each
+    else:
+        assert all(shape[0] == 4 for shape in r["expert_shapes"].values()), r["expert_shapes"]
+
+
+# ---------------------------------------------------------------------------- layouts and errors
+
+def test_invalid_layouts_fail_with_one_line(monkeypatch):
+    monkeypatch.setattr(groups, "world_size", lambda: 3)
+    with pytest.raises(ConfigError) as err:
+        groups.init_expert_parallel(2, 8)
+    assert str(err.value) == ("parallel.ep_size=2 must divide the world size 3 "
+                              "(world = nodes x processes per node)")
+    monkeypatch.setattr(groups, "world_size", lambda: 4)
+    with pytest.raises(ConfigError) as err:
+        groups.init_expert_parallel(4, 6)
+    assert "\n" not in str(err.value) and "ep_size=4" in str(err.value) and "n_experts=6" in str(err.value)
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=3 must divide model.routing.n_experts=8"):
+        load_config(REPO / "configs" / "tiny-topk.yaml", ["parallel.ep_size=3"])
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        load_config(REPO / "configs" / "tiny-topk.yaml", ["parallel.ep_size=2", "parallel.zero_stage=3"])
+    assert groups.ep_size() == 1
+
+
+def test_deepspeed_moe_needs_torch_distributed():
+    from llm.config import ModelConfig, RoutingConfig
+    from llm.routing.deepspeed_moe import DeepSpeedMoE
+
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32,
+                      routing=RoutingConfig(router="deepspeed_topk", n_experts=4, top_k=2))
+    layer = DeepSpeedMoE(cfg)
+    y, aux = layer(torch.randn(2, 8, 16))  # a single process runs all experts (eval, generation)
+    assert y.shape == (2, 8, 16) and aux.item() > 0
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        layer.moe.set_deepspeed_parallelism()
+
+
+# ---------------------------------------------------------------------------- launches
+
+@pytest.fixture(scope="module")
+def ep_workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ep_train")
+    make_corpus(root / "corpus.jsonl")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["model"]["routing"] = {"router": "topk", "n_experts": 4, "top_k": 2}
+    cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
+    cfg["train"].update(max_steps=STEPS, save_every=STEPS // 2, eval_every=STEPS // 2)
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "hostfile").write_text("localhost slots=2\n")
+    ok(run("prepare", "tiny.yaml", cwd=root))
+    return root
+
+
+def launch(*args: str, cwd: Path, launcher: str) -> subprocess.CompletedProcess:
+    opts = ["--hostfile", "hostfile"] if launcher == "deepspeed" else ["--launcher", "torchrun", "--nproc-per-node", "2"]
+    return run(*args, cwd=cwd, launcher=(str(REPO / "scripts" / "launch.sh"), *opts, "--master-port", str(free_port()),
+                                         "--"))
+
+
+@pytest.fixture(scope="module")
+def ds_run(ep_workdir) -> Path:
+    """`llm train` with ep_size 2 (ZeRO 0) through the DeepSpeed launcher and a localhost hostfile."""
+    ok(launch("train", "tiny.yaml", "train.out_dir=runs/ep2", "parallel.ep_size=2", cwd=ep_workdir,
+              launcher="deepspeed"))
+    return ep_workdir / "runs" / "ep2"
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_trains_with_ep2(ds_run):
+    losses = train_losses(ds_run)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1] - 0.5, losses
+    trainer = json.loads((ds_run / "checkpoints" / "step_0000006" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and trainer["ep_size"] == 2
+    state = torch.load(ds_run / "checkpoints" / "step_0000006" / "model.pt", weights_only=True)
+    assert state["blocks.0.ffn.experts.w1"].shape[0] == 4  # global experts, not this rank's 2
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_evaluates_identically_with_ep1(ds_run, ep_workdir):
+    """The run's validation loss (ep_size 2, two ranks) recomputed by one process holding all experts."""
+    import torch.nn.functional as F
+
+    from llm.checkpoint import load_model
+    from llm.data import TokenLoader, data_dir
+
+    loaded = load_model(ds_run)
+    cfg = loaded.config
+    total = 0.0
+    for rank in range(2):
+        batches = TokenLoader(data_dir(cfg) / "val.bin", cfg.data.seq_len, cfg.train.micro_batch_size, rank, 2,
+                              cfg.train.seed).val_batches(cfg.train.eval_batches)
+        with torch.no_grad():
+            total += sum(F.cross_entropy(loaded.model(x).logits.flatten(0, 1), y.flatten()).item()
+                         for x, y in batches) / len(batches)
+    assert total / 2 == pytest.approx(val_losses(ds_run)[STEPS], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_ep2_exactly(ds_run, ep_workdir):
+    half = ds_run / "checkpoints" / "step_0000003"
+    ok(launch("train", "tiny.yaml", "train.out_dir=runs/resumed", "parallel.ep_size=2", f"train.resume={half}",
+              cwd=ep_workdir, launcher="torchrun"))
+    resumed, full = train_losses(ep_workdir / "runs" / "resumed"), train_losses(ds_run)
+    assert sorted(resumed) == [4, 5, 6]
+    for s in resumed:
+        assert resumed[s] == pytest.approx(full[s], abs=1e-6), (s, resumed[s], full[s])
+
+
+@pytest.mark.slow
+def test_resume_under_another_topology(ds_run, ep_workdir):
+    from llm.checkpoint import CheckpointError, check_resumable
+
+    half = ds_run / "checkpoints" / "step_0000003"
+    cfg = load_config(ep_workdir / "tiny.yaml", ["parallel.ep_size=1"])
+    with pytest.raises(CheckpointError) as err:
+        check_resumable(cfg, half, world_size=1)
+    msg = str(err.value)
+    assert "\n" not in msg and "world_size=2 ep_size=2 ZeRO-0" in msg and "world_size=1 ep_size=1 ZeRO-0" in msg
+    assert "train.resume_weights_only=true" in msg
+    # Weights only: one process, all experts, the step and LR schedule continue.
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/weights", f"train.resume={half}",
+           "train.resume_weights_only=true", cwd=ep_workdir))
+    weights = ep_workdir / "runs" / "weights"
+    losses, full = train_losses(weights), train_losses(ds_run)
+    assert sorted(losses) == [4, 5, 6]
+    assert losses[4] == pytest.approx(full[4], abs=0.2)  # same weights, one rank's batches instead of two
+
+    def lrs(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["lr"] for r in read_metrics(run_dir) if "lr" in r}
+
+    assert [lrs(weights)[s] for s in (4, 5, 6)] == pytest.approx([lrs(ds_run)[s] for s in (4, 5, 6)])

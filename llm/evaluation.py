@@ -470,8 +470,8 @@ def summarize(results: dict[str, Any]) -> dict[str, float]:
     flat = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, comma, filt = key.partition(",")  # "acc,none"; "alias" and "sample_len" are not metrics
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             flat[f"{task}/{metric}" if filt in ("", "none") else f"{task}/{metric}/{filt}"] = float(value)
     return flat

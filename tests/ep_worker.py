@@ -126,11 +126,12 @@ def case_smear() -> dict:
     ep = ep_mod.ExpertParallel.current()
     cfg = model_cfg("smear", segment_len=4, expert_dropout=0.0)
     out = {}
-    for mode in ("gather", "reduce"):
+    for mode in ("gather", "reduce", "reduce_recompute"):
         torch.manual_seed(0)
         ref = SMEARLayer(cfg)
         sharded = copy.deepcopy(ref)
-        ep_mod.shard_experts(torch.nn.ModuleDict({"layer": sharded}), ep, smear_merge=mode)
+        sharded.recompute = mode.endswith("recompute")  # merge runs again in backward, collectives too
+        ep_mod.shard_experts(torch.nn.ModuleDict({"layer": sharded}), ep, smear_merge=mode.split("_")[0])
         out[mode] = _compare_layer(ref, sharded, lambda: None)
         out[mode]["path"] = sharded.merge.last_path
     # auto: all-gather the experts when E/ep <= G (routing groups per rank), else reduce-scatter.
@@ -177,12 +178,17 @@ def batch(step: int):
 def run_steps(cfg: Config, steps: int = 5):
     engine = build(cfg)
     losses, norms, budgets, ds_norms = [], [], [], []
+    first_grads = {}
     for step in range(steps):
         torch.manual_seed(10_000 + 100 * step + rank())  # expert dropout: same draw for ep 1 and 2
         inputs, targets = batch(step)
         out = engine(inputs)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten()) + out.aux_loss
         engine.backward(loss)
+        if step == 0 and cfg.parallel.zero_stage == 0 and not engine.bfloat16_enabled():
+            # DeepSpeed's reduced gradients (fp32, no ZeRO: they sit in .grad until the step)
+            first_grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()
+                           if p.grad is not None}
         if cfg.parallel.zero_stage == 0 and not engine.bfloat16_enabled():
             # What DeepSpeed's own fp32 clipping would use (max_norm huge: nothing is clipped).
             from deepspeed.runtime.utils import clip_grad_norm_
@@ -196,7 +202,7 @@ def run_steps(cfg: Config, steps: int = 5):
         norms.append(None if norm is None else float(norm))
         if engine.module.budget is not None:
             budgets.append(engine.module.budget().detach())
-    return engine, losses, norms, budgets, ds_norms
+    return engine, losses, norms, budgets, ds_norms, first_grads
 
 
 def budget_check(budgets, total: float) -> dict:
@@ -221,10 +227,11 @@ def case_train() -> dict:
     out = {}
     for router, zero, dtype in runs:
         res = {}
+        grads = {}
         for ep_size in (1, 2):
             cfg = train_cfg(router, ep_size, zero, **routers[router])
             cfg.train.dtype = dtype
-            engine, losses, norms, budgets, ds_norms = run_steps(cfg)
+            engine, losses, norms, budgets, ds_norms, grads[ep_size] = run_steps(cfg)
             res[f"ep{ep_size}"] = {"losses": losses, "grad_norms": norms}
             if ds_norms:
                 res[f"ep{ep_size}"]["deepspeed_fp32_norms"] = ds_norms
@@ -233,8 +240,22 @@ def case_train() -> dict:
             if ep_size == 2 and zero == 0 and dtype == "fp32":
                 res["roundtrip"] = roundtrip(engine.module, cfg)
             del engine
+        if grads[1] and router != "deepspeed_topk":
+            res["reduced_grads"] = compare_reduced_grads(grads[1], grads[2])
         out[f"{router}_zero{zero}" + ("_bf16" if dtype == "bf16" else "")] = res
     return out
+
+
+def compare_reduced_grads(full: dict, sharded: dict) -> dict:
+    """Gradients after DeepSpeed's reduction, ep_size 2 vs 1: expert parameters (reduced only
+    within the expert-data-parallel group, averaged over all ranks) equal the ep 1 gradient
+    of the same experts; replicated parameters equal the ep 1 gradient."""
+    n_local = E // 2
+    first = groups.ep_rank_world()[0] * n_local  # called after the ep_size 2 run
+    expert = max(maxdiff(full[n][first:first + n_local], g) for n, g in sharded.items() if ".experts." in n)
+    shared = max(maxdiff(full[n], g) for n, g in sharded.items() if ".experts." not in n)
+    scale = max(g.abs().max().item() for g in full.values())
+    return {"expert": gather_max(expert), "shared": gather_max(shared), "scale": gather_max(scale)}
 
 
 def roundtrip(sharded, cfg: Config) -> dict:

@@ -54,10 +54,10 @@ def test_exchange_matches_local_dispatcher(ep, variant):
 @pytest.mark.slow
 def test_smear_merge_paths_match_local_merge(ep):
     r = ep["smear"]
-    for path in ("gather", "reduce"):
-        assert r[path]["path"] == path
+    for variant in ("gather", "reduce", "reduce_recompute"):
+        assert r[variant]["path"] == variant.split("_")[0]
         for key in ("y", "grad_x", "grad_experts", "grad_router"):
-            assert r[path][key] <= 1e-6, (path, r[path])
+            assert r[variant][key] <= 1e-6, (variant, r[variant])
     # E/ep = 2 local experts: reduce-scatter for 1 routing group per rank, all-gather for 4;
     # ranks with different group counts always all-gather.
     assert r["auto_paths"] == {"G=1": "reduce", "G=4": "gather", "G uneven": "gather"}
@@ -79,6 +79,16 @@ def test_ep2_trains_like_ep1(ep, router):
     losses and the same TRUE global gradient norm (DeepSpeed's own fp32 clipping averages
     per-rank norms instead, see `deepspeed_fp32_norms`)."""
     _same_run(ep["train"][f"{router}_zero0"], loss_tol=1e-5, norm_rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "lapsum", "smear"])
+def test_expert_gradients_reduced_within_expert_data_parallel_group(ep, router):
+    """After DeepSpeed's reduction (`allreduce=False` parameters: only within the
+    expert-data-parallel group, divided by the whole data-parallel world) every rank's
+    expert gradients equal the ep_size 1 gradients of the same experts."""
+    r = ep["train"][f"{router}_zero0"]["reduced_grads"]
+    assert r["expert"] <= 1e-6 * r["scale"] and r["shared"] <= 1e-6 * r["scale"], r
 
 
 @pytest.mark.slow

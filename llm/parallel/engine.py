@@ -173,12 +173,12 @@ def build_engine(model: nn.Module, cfg: Config):
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The complete model state dict on CPU, as `model.pt` stores it. Call on EVERY rank.
 
-    With ep_size > 1 each rank holds a slice of the experts; they are gathered into
-    global expert order (w1 [E, d, f], ...) so that a checkpoint does not depend on how
-    it was trained (`llm.parallel.expert.full_state_dict`).
+    Under expert parallelism each rank holds a slice of the experts;
+    `llm.parallel.expert.full_state_dict` gathers them into global expert order
+    (w1 [E, d, f], ...), so a checkpoint does not depend on how it was trained.
     """
     from llm.parallel.expert import full_state_dict as gather_experts
 
-    state = gather_experts(model)
-    on_cpu: dict[int, torch.Tensor] = {}  # keeps tied tensors (embed / lm_head) shared
-    return {k: on_cpu.setdefault(id(v), v.detach().cpu()) for k, v in state.items()}
+    on_cpu: dict[tuple, torch.Tensor] = {}  # tied tensors (embed / lm_head) stay one tensor
+    return {k: on_cpu.setdefault((v.data_ptr(), v.shape, v.dtype), v.detach().cpu())
+            for k, v in gather_experts(model).items()}

@@ -187,18 +187,21 @@ def _forward_window(scores, k, inv_alpha, unit, m, flip):
     x = d.clamp_max_(0.0).exp_()  # e^{s − s_last} off the window, 1 on it  [..., E]
     rest = (x.sum(-1, keepdim=True) - m).clamp_min_(0.0)  # Σ_rest e^{s − s_last}  [..., 1]
 
-    # With l ≤ j the window ranks at or above h_j, ratio[j, l] = e^{h_j − h_l} (0 for
-    # l > j): its row sums are the SPEC's A at each window score and its column sums,
-    # plus the rest, are B. All exponents are ≤ 0 and A, B ∈ [1, E].
-    later = torch.ones(m, m, dtype=torch.bool, device=h.device).triu_(1)  # [m, m]
-    ratio = (h.unsqueeze(-1) - h.unsqueeze(-2)).masked_fill_(later, -math.inf).exp_()  # [..., m, m]
-    above = ratio.sum(-1)  # A  [..., m]
-    h_last = h[..., -1:]
-    below = torch.addcmul(ratio.sum(-2), rest, (h_last - h).exp_())  # B  [..., m]
-    rank = torch.arange(2 * n - 1, 2 * (n - m), -2, dtype=h.dtype, device=h.device)  # 2i + 1  [m]
+    # The SPEC's A (scores ranked at or above h_j) and B (at or below, plus the rest) at
+    # each window score, by recurrences along the window: every factor e^{h_{j+1} − h_j}
+    # is ≤ 1, so nothing overflows and A, B ∈ [1, E].
+    step = (h[..., 1:] - h[..., :-1]).exp_()  # [..., m − 1]
+    one = torch.ones((), dtype=h.dtype, device=h.device)
+    above, below = [one.expand_as(rest)], [rest + 1.0]
+    for j in range(m - 1):
+        above.append(torch.addcmul(one, above[-1], step[..., j : j + 1]))
+        below.append(torch.addcmul(one, below[-1], step[..., m - 2 - j : m - 1 - j]))
+    above = torch.cat(above, -1)  # A  [..., m]
+    below = torch.cat(below[::-1], -1)  # B  [..., m]
     # 2G(h_j) = A − B + 2i + 1 with i the ascending rank. G falls along the window; every
     # score off it has 2G < 2w, and counting the window's ones locates b. When the window
     # is not the whole row b ≥ h_last, so at least one qualifies even after rounding.
+    rank = torch.arange(2 * n - 1, 2 * (n - m), -2, dtype=h.dtype, device=h.device)  # 2i + 1  [m]
     c = ((above - below) < (2.0 * w - rank)).sum(-1, keepdim=True)  # [..., 1]
     if m < n:
         c.clamp_(min=1)
@@ -213,8 +216,9 @@ def _forward_window(scores, k, inv_alpha, unit, m, flip):
     dist = u_win.abs()
     # The score nearest to b, hence the largest f, is in the window.
     dist_min = dist.amin(-1, keepdim=True)  # [..., 1]
+    f_max = torch.rsub(dist_min, _LOG_HALF).exp_()  # [..., 1]
     f_rel_win = torch.sub(dist_min, dist).exp_()  # f/f_max  [..., m]
-    f_win = torch.rsub(dist, _LOG_HALF).exp_()  # ½e^{−|u|}  [..., m]
+    f_win = f_rel_win * f_max  # ½e^{−|u|}  [..., m]
     # p on the window in the original frame, where u has the opposite sign if flipped.
     p_win = torch.where(u_win < 0 if flip else u_win > 0, 1.0 - f_win, f_win)  # [..., m]
     # Off the window u = d + h_last − b ≤ 0, so f = x · ½e^{h_last − b}: the last window
@@ -223,4 +227,4 @@ def _forward_window(scores, k, inv_alpha, unit, m, flip):
     f_rel = (x * f_rel_win[..., -1:]).scatter_(-1, idx, f_rel_win)  # [..., E]
     f = x.mul_(f_win[..., -1:])  # f off the window  [..., E]
     p = torch.rsub(f, 1.0) if flip else f  # off the window the original u is ≥ 0 if flipped
-    return p.scatter_(-1, idx, p_win), f_rel, total_rel, torch.rsub(dist_min, _LOG_HALF).exp_(), -b if flip else b
+    return p.scatter_(-1, idx, p_win), f_rel, total_rel, f_max, -b if flip else b

@@ -185,12 +185,14 @@ class SMEARLayer(nn.Module):
         """θ̄_g = Σ_e weights[g, e] θ_e for G routing groups; weights [G, E] over the global experts.
 
         The one place expert parallelism plugs in (SPEC §4): a rank holding the experts
-        [first, first + E_local) merges its slice and the partial merges are summed by an
-        all-reduce, or the layer's experts are all-gathered first and merged locally.
+        [first, first + E_local) merges its slice and the partial merges are summed across
+        ranks, or the layer's experts are all-gathered first and merged locally.
+        `llm.parallel.expert.shard_experts` replaces this method on each layer it shards.
         """
         ex = self.experts
         if ex.n_local != ex.n_global:
-            raise NotImplementedError("SMEAR under expert parallelism needs the all-reduce of partial merges")
+            raise RuntimeError("SMEAR with sharded experts needs the cross-rank merge that "
+                               "llm.parallel.expert.shard_experts installs")
         return ex.merged(weights[:, ex.first:ex.first + ex.n_local])
 
     def _merge_apply(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ Requests are sorted by length (lm-eval's `Collator`) and right-padded into batch
 do not depend on the batch size: the model is causal and every router's output at position
 t depends on tokens <= t of its own sequence only, so padding after the real tokens changes
 nothing before it (the tests check this for dense and routed models). Exceptions, warned
-about at load time: capacity-limited routing (`capacity_factor` set), where tokens compete
-for expert slots across the batch, and SMEAR's `first_segment: self_stopgrad`, which reads
-the future of segment 0.
+about at load time: capacity-limited routing (`capacity_factor` set, or DeepSpeed's own
+`deepspeed_topk` layer), where tokens compete for expert slots across the batch, and SMEAR's
+`first_segment: self_stopgrad`, which reads the future of segment 0.
 
 Tasks named like a YAML file in `eval/tasks/` read local jsonl files from the data
 directory (`--data-dir` or `$LLM_EVAL_DATA`); any other name is looked up in lm-eval's
@@ -41,18 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import lm_eval
+import lm_eval.models  # noqa: F401  (registers lm-eval's own model names before ours)
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
-
-import lm_eval
-import lm_eval.models  # noqa: F401  (registers lm-eval's own model names before ours)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
+from tqdm import tqdm
 
 from llm.monitor import Callback
 
@@ -357,9 +356,10 @@ def _warn_if_batch_dependent(cfg) -> None:
     routing = cfg.routing
     if routing.router == "dense":
         return
-    if routing.capacity_factor is not None:
-        log.warning("model.routing.capacity_factor=%s: tokens compete for expert capacity across the batch, "
-                    "so scores depend on batch size and padding", routing.capacity_factor)
+    if routing.router == "deepspeed_topk" or routing.capacity_factor is not None:
+        log.warning("model.routing (%s, capacity_factor=%s): tokens compete for expert capacity across the batch, "
+                    "so scores depend on batch size and padding", routing.router,
+                    routing.ds_capacity_factor if routing.router == "deepspeed_topk" else routing.capacity_factor)
     if routing.router == "smear" and routing.first_segment == "self_stopgrad":
         log.warning("SMEAR first_segment=self_stopgrad routes segment 0 on its own future tokens: "
                     "scores see the continuation and depend on padding")

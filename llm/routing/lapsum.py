@@ -8,9 +8,12 @@ Finding t only needs the sorted order near t: every score above t has p > ½, so
 than 2k scores lie above t (and fewer than 2(E − k) below). With m = ⌊2k⌋ + 1 the
 threshold lies at or above the m-th largest score, and the scores below that one enter
 the closed form only through one sum. For the usual k ≪ E this replaces the full sort by
-a top-m and the prefix scans by recurrences along the m window scores, which is what
-makes the operator cheap on CPU. Wide windows (k and E − k both large) use the full sort
-and logcumsumexp exactly as written in the SPEC.
+the top m values and the prefix scans by recurrences along them. Wide windows (k and
+E − k both large) use the full sort and logcumsumexp exactly as written in the SPEC.
+
+On CPU the top m values come from a bitonic tournament of elementwise max/min over
+column blocks: torch.topk with m ≥ 3 falls back to a per-row nth_element there, which
+costs more than the whole rest of the operator. Other devices use torch.topk.
 
 The backward pass keeps f = dp/du = ½e^{−|u|} relative to its row maximum, so that
 q = softmax(−|u|) and ∂L/∂k stay exact when every f of a row underflows (α ≪ score gaps).
@@ -97,14 +100,12 @@ class _SoftTopK(torch.autograd.Function):
         inv_alpha = 1.0 / alpha
         unit = isinstance(inv_alpha, float) and inv_alpha == 1.0
         if window is None:
-            p, f_rel, total_rel, f_max, b = _forward_sorted(scores, k, inv_alpha, unit)
+            u, dist_min, buffer = _forward_sorted(scores, k, inv_alpha, unit)
         else:
-            p, f_rel, total_rel, f_max, b = _forward_window(scores, k, inv_alpha, unit, window, flip)
-        u = None
-        if ctx.needs_input_grad[2]:
-            u = torch.addcmul(-b, scores, inv_alpha) if isinstance(inv_alpha, Tensor) else scores * inv_alpha - b
+            u, dist_min, buffer = _forward_window(scores, k, inv_alpha, unit, window, flip)
+        p, f_rel, total_rel, f_max = _weights(u, dist_min, buffer)
         # dp/dr = f/α = f_rel · (f_max/α): one per-row factor for the backward.
-        ctx.save_for_backward(f_rel, total_rel, f_max if unit else f_max * inv_alpha, u)
+        ctx.save_for_backward(f_rel, total_rel, f_max if unit else f_max * inv_alpha, u if ctx.needs_input_grad[2] else None)
         ctx.k_shape = k.shape if isinstance(k, Tensor) else None
         return p
 
@@ -142,10 +143,8 @@ def _root(log_p: Tensor, log_q: Tensor, e: Tensor) -> Tensor:
 
 
 def _forward_sorted(scores, k, inv_alpha, unit):
-    """SPEC §3.1 as written: full sort and logcumsumexp.
-
-    Returns p and f/f_max [N, E], Σf/f_max and f_max [N, 1], and b = t/α [N, 1].
-    """
+    """SPEC §3.1 as written: full sort and logcumsumexp. Returns u = (r − t)/α [N, E],
+    min_i |u_i| [N, 1] and a spare [N, E] buffer for _weights."""
     n = scores.shape[-1]
     s = scores if unit else scores * inv_alpha  # [N, E]
     w = n - k
@@ -160,42 +159,34 @@ def _forward_sorted(scores, k, inv_alpha, unit):
     i = (two_g < (2.0 * w - odd)).sum(-1, keepdim=True)  # b ∈ (s_{i−1}, s_i]  [N, 1]
     log_p = pad(log_lo, (1, 0), value=-math.inf).gather(-1, i)  # log Σ_{j<i} e^{s_j}
     log_q = pad(log_hi, (0, 1), value=-math.inf).gather(-1, i)  # log Σ_{j≥i} e^{−s_j}
-    b = _root(log_p, log_q, w - i.to(s.dtype))  # [N, 1]
-
-    u = s - b  # (r − t)/α  [N, E]
-    dist = u.abs()
-    dist_min = dist.amin(-1, keepdim=True)  # [N, 1]
-    f_rel = torch.sub(dist_min, dist).exp_()  # f/f_max  [N, E]
-    f_max = torch.rsub(dist_min, _LOG_HALF).exp_()  # [N, 1]
-    f = f_rel * f_max  # ½e^{−|u|}; underflows only where the true value does  [N, E]
-    p = torch.where(u > 0, 1.0 - f, f)
-    return p, f_rel, f_rel.sum(-1, keepdim=True), f_max, b
+    u = s - _root(log_p, log_q, w - i.to(s.dtype))  # [N, E]
+    buffer = u.abs()
+    return u, buffer.amin(-1, keepdim=True), buffer
 
 
 def _forward_window(scores, k, inv_alpha, unit, m, flip):
-    """The same from the top-m window (see the module docstring); same returns.
+    """The same from the top m scores (see the module docstring); same returns.
 
-    Works in the frame s = r/α, or s = −r/α with budget E − k when flip: then the window
-    is the bottom m scores and the threshold is −b; p is mapped back at the end. The
-    window is kept transposed, [m, N], so that its per-row arithmetic runs along N.
+    Works in the frame s = r/α, or s = −r/α with budget E − k when flip (the window is
+    then the bottom m scores), and relative to the m-th score: differences of nearby
+    scores are exact, so small α costs no precision near the threshold. The window is
+    kept transposed, [m, N], so that its per-row arithmetic runs along N.
     """
     n = scores.shape[-1]
     w = k if flip else n - k  # w of the flipped problem is E − (E − k) = k
     if isinstance(w, Tensor):
         w = w.t()  # [1, N or 1]
-    top, idx = scores.t().topk(m, dim=0, largest=not flip)  # sorted, best first  [m, N]
-    top_last = top[-1:]  # t lies beyond it (at or above in the frame)  [1, N]
-    # d = s − s_last ≤ 0 off the window. Taking the difference before scaling keeps it
-    # exact, so window scores give exactly e^0 = 1 and the rest's sum is exact.
-    if unit:
-        d = torch.rsub(scores, top_last.t()) if flip else scores - top_last.t()  # [N, E]
-        h = top.neg() if flip else top  # window in the frame, descending  [m, N]
-    else:
-        frame_scale = -inv_alpha if flip else inv_alpha
-        d = (scores - top_last.t()).mul_(frame_scale)
-        h = top * frame_scale
-    x = d.clamp_max_(0.0).exp_()  # e^{s − s_last} off the window, 1 on it  [N, E]
-    rest = (x.sum(-1) - m).clamp_min_(0.0).unsqueeze(0)  # Σ_rest e^{s − s_last}  [1, N]
+    frame = scores.neg() if flip else scores  # [N, E]
+    top = _top_values(frame, m)  # descending  [m, N]
+    # Window and row relative to h_last, the m-th score (t/α lies at or above it).
+    h = top - top[-1:]  # [m, N]
+    d = frame - top[-1:].t()  # [N, E]
+    if not unit:
+        h.mul_(inv_alpha)
+        d.mul_(inv_alpha)
+    # e^d ≤ 1 off the window and exactly 1 on it, so the rest's sum needs no extra pass.
+    buffer = d.clamp_max(0.0).exp_()  # [N, E]
+    rest = (buffer.sum(-1) - m).clamp_min_(0.0).unsqueeze(0)  # Σ_rest e^d  [1, N]
 
     # The SPEC's A (scores ranked at or above h_j) and B (at or below, plus the rest) at
     # each window score, by recurrences along the window: every factor e^{h_{j+1} − h_j}
@@ -221,21 +212,74 @@ def _forward_window(scores, k, inv_alpha, unit, m, flip):
     log_p = pad(below.log_().add_(h), (0, 0, 0, 1), value=-math.inf).gather(0, lo)  # log Σ_{s<b} e^s
     log_q = pad(above.log_().sub_(h), (0, 0, 1, 0), value=-math.inf).gather(0, lo)  # log Σ_{s≥b} e^−s
     b = _root(log_p, log_q, (w - (n - m)) - c.to(h.dtype))  # [1, N]
+    # The score nearest to b is in the window.
+    dist_min = (h - b).abs_().amin(0, keepdim=True)  # [1, N]
+    u = d.sub_(b.t())  # [N, E]
+    return u.neg_() if flip else u, dist_min.t(), buffer
 
-    u_win = h - b  # [m, N]
-    dist = u_win.abs()
-    # The score nearest to b, hence the largest f, is in the window.
-    dist_min = dist.amin(0, keepdim=True)  # [1, N]
-    f_max = torch.rsub(dist_min, _LOG_HALF).exp_()  # [1, N]
-    f_rel_win = torch.sub(dist_min, dist).exp_()  # f/f_max  [m, N]
-    f_win = f_rel_win * f_max  # ½e^{−|u|}  [m, N]
-    # p on the window in the original frame, where u has the opposite sign if flipped.
-    p_win = torch.where(u_win < 0 if flip else u_win > 0, 1.0 - f_win, f_win)  # [m, N]
-    # Off the window u = d + h_last − b ≤ 0, so f = x · ½e^{h_last − b}: the last window
-    # entries already hold that factor, absolute and relative.
-    total_rel = torch.addcmul(f_rel_win.sum(0, keepdim=True), rest, f_rel_win[-1:])  # [1, N]
-    f_rel = (x * f_rel_win[-1:].t()).scatter_(-1, idx.t(), f_rel_win.t())  # [N, E]
-    f = x.mul_(f_win[-1:].t())  # f off the window  [N, E]
-    p = torch.rsub(f, 1.0) if flip else f  # off the window the original u is ≥ 0 if flipped
-    p.scatter_(-1, idx.t(), p_win.t())
-    return p, f_rel, total_rel.t(), f_max.t(), (-b if flip else b).t()
+
+def _weights(u: Tensor, dist_min: Tensor, buffer: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """p = F(u), f/f_max [N, E], Σf/f_max and f_max [N, 1], for f = dp/du = ½e^{−|u|}.
+
+    buffer, [N, E], is reused for f/f_max: on CPU every fresh large tensor costs page
+    faults, which rival the arithmetic here.
+    """
+    f_rel = torch.abs(u, out=buffer) if buffer is not None else u.abs()
+    f_rel = torch.sub(dist_min, f_rel, out=f_rel).exp_()  # [N, E]
+    f_max = torch.rsub(dist_min, _LOG_HALF).exp_()  # [N, 1]
+    f = f_rel * f_max  # underflows only where the true value does  [N, E]
+    p = torch.where(u > 0, 1.0 - f, f, out=f)  # no cancellation on either side
+    return p, f_rel, f_rel.sum(-1, keepdim=True), f_max
+
+
+def _top_values(scores: Tensor, m: int) -> Tensor:
+    """The m largest values of each row of scores [N, E], descending, as [m, N]."""
+    if scores.device.type != "cpu":
+        return scores.topk(m, dim=-1).values.t()
+    # Bitonic tournament. Split the E columns into L ≥ m blocks of G (both powers of
+    # two, padding with −inf): the blocks are the lanes, sorted elementwise so that for
+    # every row and offset g lane 0 holds the largest of the L values at g. Then halve G
+    # by merging the lane lists of the two halves, keeping the top L, until G = 1. Every
+    # step is an elementwise max/min over [N, G] slices (fresh outputs measured faster
+    # than writing into strided buffers).
+    n_rows, n = scores.shape
+    n_lanes = 1 << (m - 1).bit_length()  # L
+    g = max(1, (1 << (n - 1).bit_length()) // n_lanes)  # G
+    if n_lanes * g > n:
+        scores = pad(scores, (0, n_lanes * g - n), value=-math.inf)
+    blocks = scores.view(n_rows, n_lanes, g)
+    lanes = [blocks[:, i] for i in range(n_lanes)]  # each [N, G]
+    for stage in _bitonic_stages(n_lanes, sort=True):
+        lanes = _compare_exchange(lanes, stage)
+    while g > 1:
+        g //= 2
+        # max(a_i, b_{L−1−i}) holds the top L of the two sorted lists, in bitonic order.
+        lanes = [torch.maximum(lanes[i][:, :g], lanes[-1 - i][:, g:]) for i in range(n_lanes)]
+        for stage in _bitonic_stages(n_lanes, sort=False):
+            lanes = _compare_exchange(lanes, stage)
+    return torch.stack(lanes[:m]).view(m, n_rows)
+
+
+def _compare_exchange(lanes: list[Tensor], stage: list[tuple[int, int]]) -> list[Tensor]:
+    """Lane hi gets the elementwise max and lane lo the min, for each (hi, lo) pair."""
+    lanes = list(lanes)
+    for hi, lo in stage:
+        lanes[hi], lanes[lo] = torch.maximum(lanes[hi], lanes[lo]), torch.minimum(lanes[hi], lanes[lo])
+    return lanes
+
+
+def _bitonic_stages(n: int, sort: bool) -> list[list[tuple[int, int]]]:
+    """Compare-exchange stages that order n lanes (a power of two) descending: from any
+    order if sort, else from a bitonic sequence (the final merge only). Each stage pairs
+    every lane once, as (lane receiving the max, lane receiving the min)."""
+    stages = []
+    size = 2 if sort else n
+    while size <= n:
+        d = size // 2
+        while d >= 1:
+            # Blocks of `size` alternate direction so that pairs of them are bitonic for
+            # the next size; the last size is descending throughout.
+            stages.append([(i, i + d) if i & size == 0 else (i + d, i) for i in range(n) if i & d == 0])
+            d //= 2
+        size *= 2
+    return stages

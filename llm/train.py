@@ -33,8 +33,14 @@ class TrainingError(RuntimeError):
 
 
 def default_callbacks(cfg: Config) -> list[Callback]:
-    """The callbacks `llm train` runs. Routing statistics and downstream evaluation register here."""
-    return []
+    """The callbacks `llm train` runs: routing statistics and downstream evaluation."""
+    from llm.evaluation import EvalCallback
+    from llm.inspection import RoutingStatsCallback
+
+    callbacks: list[Callback] = [RoutingStatsCallback(cfg.log.routing_every)]
+    if cfg.eval.every:
+        callbacks.append(EvalCallback(cfg.eval))
+    return callbacks
 
 
 def train(cfg: Config, callbacks: Optional[Sequence[Callback]] = None) -> dict[str, Any]:

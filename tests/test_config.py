@@ -72,6 +72,8 @@ def test_override_parsing(tmp_path):
         "train.out_dir=" + str(tmp_path / "run"),
     ])
     assert cfg.train.max_steps == 7 and cfg.train.lr == 0.01
+    # YAML 1.1 reads 3e-4 as a string; a float key still takes it as a number.
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4
     assert cfg.model.routing.capacity_factor is None
     assert cfg.data.corpus == ["a/*.txt", "b.jsonl"]
     assert cfg.data.tokenizer == "" and cfg.log.run_name == "x=y"

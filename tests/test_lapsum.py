@@ -156,6 +156,22 @@ def test_extremes_are_finite(path, n, alpha):
         torch.testing.assert_close(p.sum(-1), torch.full((8,), k), atol=1e-5 * n, rtol=1e-6)
 
 
+def test_hard_rows_keep_the_budget_gradient(path):
+    """Every f = ½e^{−|u|} of a row underflows in float32 here (|u| ≳ 500), yet
+    ∂L/∂k = ⟨softmax(−|u|), g⟩ is well defined: it must match float64."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.stack([torch.randperm(8, generator=gen) for _ in range(4)]).double()  # gaps of 1  [4, E]
+    g = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        k = torch.tensor(2.3, dtype=dtype, requires_grad=True)
+        r = scores.to(dtype).requires_grad_()
+        (soft_topk(r, k, 1e-3) * g.to(dtype)).sum().backward()
+        assert torch.isfinite(r.grad).all()
+        grads.append(k.grad.double())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_bf16_autocast_is_fp32_accurate():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=gen)
@@ -184,6 +200,18 @@ def test_no_grad():
     with torch.no_grad():
         p = soft_topk(torch.randn(4, 8, requires_grad=True), 2.0)
     assert not p.requires_grad
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 12, 32, 100, 256])
+def test_top_values_matches_topk(n):
+    """The CPU tournament that replaces torch.topk for the window, ties included."""
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(64, n, generator=gen)  # [rows, E]
+    scores[:16, -1] = scores[:16, 0]
+    scores[16:32] = scores[16:32].round()
+    scores[32:40] = 0.0
+    for m in range(1, min(n, 16) + 1):
+        torch.testing.assert_close(lapsum._top_values(scores, m), scores.topk(m, dim=-1).values.t(), atol=0, rtol=0)
 
 
 def test_paths_agree():

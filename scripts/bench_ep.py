@@ -115,8 +115,8 @@ def report(args, variants: dict, seconds: dict[str, float], tokens: int) -> None
     print(f"\n{world} processes x {args.threads} thread(s), {args.tokens} tokens/rank (seq {args.seq_len}), "
           f"d_model {args.d_model}, d_expert {args.d_expert}, E {args.experts}, top-2, "
           f"{args.repeats} rounds, median\n")
-    print(f"| layer | ep_size | tokens/s | vs ep 1 | vs deepspeed_topk (same ep) |")
-    print(f"|---|---|---:|---:|---:|")
+    print("| layer | ep_size | tokens/s | vs ep 1 | vs deepspeed_topk (same ep) |")
+    print("|---|---|---:|---:|---:|")
     for name, (_, layer) in variants.items():
         label = name.split(" | ")[1]
         ds_same = seconds[f"{ds_layer} | {label}"] if f"{ds_layer} | {label}" in seconds else None

@@ -13,15 +13,6 @@ from llm.routing.routers import Routing
 B, T, D, F_, E = 3, 7, 8, 4, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _experts(dtype=torch.float64):
     torch.manual_seed(0)
     return Experts(E, D, F_, init_std=0.5, out_std=0.5).to(dtype)

@@ -17,15 +17,6 @@ VOCAB, T = 64, 16
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(router: str, seed: int = 0, **routing) -> torch.nn.Module:
     routing = {"n_experts": 8, "d_expert": 32, **routing}
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=2, d_ff=64, max_seq_len=32,

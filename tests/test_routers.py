@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llm.routing.routers as routers
 from llm.config import ModelConfig, RoutingConfig
@@ -15,15 +14,6 @@ from llm.routing.lapsum import soft_topk
 from llm.routing.routers import LapSumRouter, TopKRouter, load_balancing_loss, z_loss
 
 D, E = 16, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _topk(k, aux=0.01, z=0.001):

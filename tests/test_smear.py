@@ -20,16 +20,6 @@ VOCAB = 97
 EOS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread only adds OpenMP sync, which costs seconds when
-    other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(**routing) -> ModelConfig:
     r = dict(router="smear", n_experts=4, segment_len=S, expert_dropout=0.1)
     r.update(routing)

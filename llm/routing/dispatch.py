@@ -27,7 +27,6 @@ activation memory by m / (mean active experts).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 

@@ -8,6 +8,7 @@ from llm.config import ModelConfig
 from llm.routing.budget import ExpertBudget
 from llm.routing.dense import DenseFFN
 from llm.routing.experts import Experts
+from llm.routing.lapsum import soft_topk
 
 
 def build_ffn(cfg: ModelConfig, routed: bool) -> nn.Module:
@@ -28,4 +29,4 @@ def build_ffn(cfg: ModelConfig, routed: bool) -> nn.Module:
     return MoELayer(cfg)
 
 
-__all__ = ["DenseFFN", "ExpertBudget", "Experts", "build_ffn"]
+__all__ = ["DenseFFN", "ExpertBudget", "Experts", "build_ffn", "soft_topk"]

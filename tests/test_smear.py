@@ -258,3 +258,23 @@ def test_router_init_and_configs():
         assert cfg.model.routing.router == "smear"
     with pytest.raises(ConfigError, match="eos_id"):
         load_config(CONFIGS / "tiny-smear.yaml", ["model.routing.reset_at_eos=true", "model.routing.eos_id=-1"])
+
+
+@pytest.mark.parametrize("n_experts", [4, 16])
+def test_merged_expert_matches_dense_scale_at_init(n_experts):
+    """At init (near-uniform routing) the merged expert's output has a dense FFN's scale,
+    not the ~E^-1.5 of an average of E dense-initialised experts."""
+    torch.manual_seed(0)
+    cfg = _cfg(n_experts=n_experts, expert_dropout=0.0)
+    x = torch.randn(4, 4 * S, 32)
+    ids = _ids(4, 4 * S)
+    ratios = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        smear, dense = SMEARLayer(cfg), DenseFFN(cfg)
+        with torch.no_grad():
+            y_smear = smear(x, FFNContext(input_ids=ids))[0]
+            y_dense = dense(x)[0]
+        ratios.append((y_smear.std() / y_dense.std()).item())
+    mean = sum(ratios) / len(ratios)
+    assert 0.75 < mean < 1.33, ratios

@@ -176,7 +176,12 @@ class SMEARLayer(nn.Module):
         self.reset_at_eos = r.reset_at_eos
         self.eos_id = r.eos_id
         self.recompute = r.recompute
-        self.experts = Experts(r.n_experts, cfg.d_model, r.d_expert or cfg.d_ff, cfg.init_std, output_std(cfg))
+        # At init the router is near uniform and the merged expert is the mean of E random
+        # experts, whose weights shrink by 1/√E (output by ~E^-1.5 through SwiGLU): drawing
+        # the experts √E wider gives the merged expert a dense FFN's scale (docs/smear.md#init-scale).
+        widen = r.n_experts ** 0.5
+        self.experts = Experts(r.n_experts, cfg.d_model, r.d_expert or cfg.d_ff, cfg.init_std * widen,
+                               output_std(cfg) * widen)
         self.router = SegmentRouter(cfg.d_model, r.n_experts, cfg.norm_eps)
         self.prior = nn.Parameter(torch.zeros(r.n_experts))  # ρ; uniform at init
         self.stats: dict[str, torch.Tensor] = {}

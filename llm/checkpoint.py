@@ -90,11 +90,6 @@ def resolve(path: str | Path, warn: Callable[[str], None] = log.warning) -> Path
     return ckpt
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The run's newest checkpoint that verifies (None if it has none), skipping damaged ones with a warning."""
-    return newest_good(run_dir, log.warning, required=False)
-
-
 def step_dirs(run_dir: str | Path) -> list[Path]:
     """Every `step_N` directory of a run, complete or not, oldest first."""
     root = Path(run_dir) / CHECKPOINTS

@@ -4,8 +4,11 @@ before a wall-clock limit, finish the current step, save, and exit with a messag
 The handler only raises a flag; the trainer reads it between steps, so a checkpoint is
 never written from inside a signal handler or halfway through an update. A second
 signal means "now": the process exits at once with 128 + the signal number, as a shell
-reports a process killed by that signal. Ranks may receive the signal at different
-times (or only some of them), so the trainer agrees on stopping with one all-reduce.
+reports a process killed by that signal. One event often arrives twice within
+milliseconds (SLURM signals every process of a job, and torchrun then forwards its own
+copy to its workers), so a repeat within REPEAT_WINDOW_S counts as the same signal.
+Ranks may receive the signal at different times (or only some of them), so the trainer
+agrees on stopping with one all-reduce.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import time
 from typing import Optional
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+REPEAT_WINDOW_S = 1.0
 
 
 class GracefulStop:
@@ -26,6 +30,7 @@ class GracefulStop:
         self.time_limit = time_limit  # seconds since `started` (0 = none)
         self.started = started
         self.received: Optional[str] = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
         self._step_s = 0.0  # longest step so far, to stop one step before the limit
         self._save_s = 0.0  # longest save so far, to leave room for the final one
@@ -42,11 +47,13 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self.received is not None and time.monotonic() - self._received_at < REPEAT_WINDOW_S:
+            return
         if self.received is not None:
             print(f"{name} again: exiting now without saving (the last checkpoint is kept)", file=sys.stderr,
                   flush=True)
             os._exit(128 + signum)
-        self.received = name
+        self.received, self._received_at = name, time.monotonic()
         if os.environ.get("RANK", "0") == "0":
                 print(f"{name} received: finishing this step, saving a checkpoint and stopping "
                   f"(send it again to exit at once)", file=sys.stderr, flush=True)

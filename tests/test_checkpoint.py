@@ -251,6 +251,22 @@ def test_crafted_pickle_in_engine_files_never_runs(workdir, straight, tmp_path):
     assert marker.exists()
 
 
+def test_weights_only_loading_refuses_an_unknown_checkpoint_engine():
+    """The one DeepSpeed seam we touch: its torch checkpoint engine. Another engine type fails loudly."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from llm.checkpoint import CheckpointEngineChanged, use_weights_only_loading, weights_only_engine_class
+
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine(None))
+    use_weights_only_loading(engine)
+    assert type(engine.checkpoint_engine) is weights_only_engine_class()
+    assert engine.checkpoint_engine.zipfile_serialization is False  # its save settings are kept
+    with pytest.raises(CheckpointEngineChanged, match="expected TorchCheckpointEngine"):
+        use_weights_only_loading(SimpleNamespace(checkpoint_engine=object()))
+
+
 @pytest.mark.slow
 def test_time_limit_saves_and_stops(workdir):
     proc = run("train", "tiny.yaml", "train.out_dir=runs/limit", "train.max_steps=1000", "train.time_limit=1",
@@ -262,12 +278,15 @@ def test_time_limit_saves_and_stops(workdir):
 
 
 def test_second_signal_exits_at_once(tmp_path):
-    """The first signal only raises the flag; the second ends the process with 128 + signal."""
+    """The first signal only raises the flag (a copy right after it is the same event); a
+    second one later ends the process with 128 + signal."""
     script = ("import os, signal, time\n"
               "from llm.preemption import GracefulStop\n"
               "with GracefulStop(['SIGUSR1'], 0, time.monotonic()) as stop:\n"
               "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+              "    os.kill(os.getpid(), signal.SIGUSR1)\n"  # the same event, delivered twice
               "    print(stop.reason(), flush=True)\n"
+              "    time.sleep(1.1)\n"
               "    os.kill(os.getpid(), signal.SIGUSR1)\n"
               "    time.sleep(30)\n"
               "print('not reached')\n")

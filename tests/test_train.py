@@ -167,12 +167,12 @@ def test_fresh_start_keeps_old_checkpoints(workdir, straight):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_step_and_checkpoint(workdir):
-    proc = run("train", "tiny.yaml", "train.out_dir=runs/nan", "train.lr=1.0e+30", "train.warmup_steps=0",
+    proc = run("train", "tiny.yaml", "train.out_dir=runs/nan", "train.lr=1.0e+16", "train.warmup_steps=8",
                "train.save_every=1", cwd=workdir)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    match = re.fullmatch(r"error: loss is nan at step (\d+) \(ce nan, aux 0\.0\); last checkpoint: (\S+)", line)
+    match = re.fullmatch(r"error: loss is nan at step (\d+) \(ce nan, aux 0\.0\); last good checkpoint: (\S+)", line)
     assert match, line
     step = int(match.group(1))
     assert step > 1 and match.group(2) == f"runs/nan/checkpoints/step_{step - 1:07d}", line

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -36,6 +37,8 @@ class GracefulStop:
         self._save_s = 0.0  # longest save so far, to leave room for the final one
 
     def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; a run in a thread keeps the defaults
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

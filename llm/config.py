@@ -179,6 +179,11 @@ class TrainConfig:
     # whose optimizer state was split over another topology (world size / ep_size).
     resume_weights_only: bool = False
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # Signals that stop the run cleanly (finish the step, save, exit); a second one exits at once.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    # Wall-clock seconds from the start of the process after which the run saves and stops,
+    # leaving room for one more step and the save (0 = no limit). Set it below the scheduler's.
+    time_limit: float = 0.0
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -191,6 +196,12 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected 0 <= ratio <= 1")
         _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        from llm.preemption import SIGNALS
+
+        for name in self.stop_signals:
+            _choice("train.stop_signals", name, SIGNALS)
+        if self.time_limit < 0:
+            raise ConfigError(f"train.time_limit={self.time_limit}: expected seconds >= 0 (0 = no limit)")
 
 
 @dataclass
@@ -258,6 +269,11 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         routing = self.model.routing
+        if routing.router == "smear" and routing.segment_len >= self.data.seq_len:
+            raise ConfigError(
+                f"model.routing.segment_len={routing.segment_len} must be < data.seq_len={self.data.seq_len}: "
+                f"SMEAR routes each segment with the previous one, so with one segment per sequence the router "
+                f"is never used")
         if routing.router != "dense":
             if routing.n_experts % self.parallel.ep_size:
                 raise ConfigError(f"parallel.ep_size={self.parallel.ep_size} must divide "
@@ -297,8 +313,50 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(raw, key.strip(), parse_override_value(key.strip(), value))
     return from_dict(raw).validate()
+
+
+def parse_override_value(key: str, text: str) -> Any:
+    """A command-line value as YAML, except that `[...]` is split on its top-level commas
+    itself: YAML reads the brackets of a glob inside a list (`[a/x-0[0-2].gz]`) as nesting."""
+    stripped = text.strip()
+    if not stripped:
+        return ""
+    if stripped.startswith("[") and stripped.endswith("]"):
+        return [_scalar(item) for item in _split_top_level(stripped[1:-1])]
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}={text}: not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are outside brackets and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _scalar(item: str) -> Any:
+    """One list item: a YAML scalar (number, bool, quoted string) or else the text as written."""
+    try:
+        value = yaml.safe_load(item)
+    except yaml.YAMLError:
+        return item
+    return item if isinstance(value, (list, dict)) or value is None else value
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from llm.checkpoint import CheckpointError, list_checkpoints, load_model, resolve
+from llm.checkpoint import CheckpointError, is_checkpoint_dir, list_checkpoints, load_model, resolve
 from llm.config import ConfigError
 from llm.monitor import Callback
 
@@ -298,7 +298,7 @@ def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[i
 def run_checkpoints(run_or_ckpt: str | Path) -> list[Path]:
     """Every complete checkpoint of a run, oldest first (given the run or one of its checkpoints)."""
     path = Path(run_or_ckpt)
-    run = path.parent.parent if (path / "model.pt").is_file() and path.parent.name == "checkpoints" else path
+    run = path.parent.parent if is_checkpoint_dir(path) and path.parent.name == "checkpoints" else path
     ckpts = list_checkpoints(run)
     if not ckpts:
         raise CheckpointError(f"{path}: no checkpoints found under {run / 'checkpoints'} (--over-time needs a run "
@@ -606,6 +606,8 @@ def run_inspect(path: str, data: str = "val", batches: Optional[int] = None, as_
     """`llm inspect`: print the table (or JSON) and draw the plots."""
     if batches is not None and batches < 1:
         raise ConfigError(f"--batches {batches}: expected a positive number of batches")
+    if plot_dir and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
+        raise ConfigError(f"--plot {plot_dir}: is a file; expected a directory to write the PNG figures into")
     if over_time:
         ckpts = run_checkpoints(path)
         reports = []

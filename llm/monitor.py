@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -105,7 +106,7 @@ class Monitor:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
@@ -151,10 +152,20 @@ def _open_metrics(path: Path, start_step: int, fresh: bool):
         if fresh:  # an earlier run in this directory: keep its curve beside ours
             os.replace(path, path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
         else:  # resuming: drop what was logged after the checkpoint, it is about to be redone
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line, path) <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
     return path.open("a")
+
+
+def _step_of(line: str, path: Path) -> float:
+    """The step of a metrics line; a torn or foreign line (a kill mid-write) counts as after
+    every step, so resuming drops it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        if line.strip():
+            log.warning("warning: dropping an unreadable line of %s: %.60s", path, line)
+        return math.inf
 
 
 def _init_wandb(cfg: Config, run_dir: Path):
@@ -168,7 +179,12 @@ def _init_wandb(cfg: Config, run_dir: Path):
 
 
 def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, torch.Tensor) else value
+    """A JSON value: tensors as numbers, and NaN/inf as the strings "NaN", "Infinity",
+    "-Infinity" (bare NaN is not JSON; the strings are what JavaScript and pandas read back)."""
+    value = value.item() if isinstance(value, torch.Tensor) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def _format(m: dict[str, Any]) -> str:

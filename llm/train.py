@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from llm import checkpoint, parallel
 from llm.config import Config, save_config
 from llm.monitor import Callback, Monitor, peak_flops
+from llm.parallel.finite import NonFiniteGradient, refuse_nonfinite_updates
+from llm.preemption import GracefulStop
 
 log = logging.getLogger("llm")
 
@@ -53,7 +56,9 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.run_dir = cfg.out_dir
+        self.started = time.monotonic()  # train.time_limit counts from here
         t = cfg.train
+        resume_from = self._choose_checkpoint()
 
         parallel.init_distributed()
         self.rank, self.world = parallel.rank(), parallel.world_size()
@@ -62,7 +67,6 @@ class Trainer:
         self.data_dir = _ensure_data(cfg)
         self.tokenizer_path = self.data_dir / "tokenizer.model"
 
-        resume_from = checkpoint.resume_checkpoint(cfg)
         if resume_from is not None:
             checkpoint.check_resumable(cfg, resume_from, self.world)
         if parallel.is_main():
@@ -80,6 +84,7 @@ class Trainer:
         self.model = parallel.apply_expert_parallel(build_model(cfg.model), cfg)  # this rank's experts
         self.engine = parallel.build_engine(self.model, cfg)
         self.model = self.engine.module  # the plain model, as the engine holds it (device, dtype)
+        refuse_nonfinite_updates(self.engine)
 
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Optional[Path] = None
@@ -110,6 +115,18 @@ class Trainer:
             f"{self.tokens_per_step:,} tokens/step, run dir {self.run_dir}"
             + (f", resuming from {resume_from} at step {self.step}" if resume_from is not None else ""))
 
+    def _choose_checkpoint(self) -> Optional[Path]:
+        """Clean up after an interrupted save or prune and pick the checkpoint to resume.
+
+        Before DeepSpeed starts, so that a run with nothing usable to resume fails in a
+        second; every rank reads the same files and picks the same checkpoint.
+        """
+        main = int(os.environ.get("RANK", "0")) == 0
+        if main:
+            for name in checkpoint.remove_leftovers(self.run_dir):
+                log.info("removed %s, left by an interrupted save or prune", name)
+        return checkpoint.resume_checkpoint(self.cfg, log.warning if main else log.debug)
+
     # ------------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
@@ -119,38 +136,57 @@ class Trainer:
         last: dict[str, Any] = {}
         val_loss: Optional[float] = None
         seconds, ok = 0.0, False
+        stopped: Optional[str] = None
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self)
             if start >= t.max_steps:
                 self.monitor.message(f"already at step {start} (train.max_steps={t.max_steps}); nothing to do")
-            while self.step < t.max_steps:
-                t0 = time.perf_counter()
-                last = self._train_step()
-                dt = time.perf_counter() - t0
-                seconds += dt
-                self.monitor.count(self.tokens_per_step, dt)
-                step, final = self.step, self.step == t.max_steps
-                losses.append(last["loss"])
-                if step % cfg.log.every == 0 or final:
-                    last.update(self.monitor.speed())
-                    self.log(step, last)
-                self.monitor.show(step, last)
-                if step % t.eval_every == 0 or final:
-                    val_loss = self.evaluate()
-                    self.log(step, {"val_loss": val_loss})
-                    self.monitor.message(f"step {step}: val_loss {val_loss:.4f}")
-                for cb in self.callbacks:
-                    cb.on_step(self, step, last)
-                if step % t.save_every == 0 or final:
-                    self.save()
+            with GracefulStop(t.stop_signals, t.time_limit, self.started) as stop:
+                while self.step < t.max_steps and stopped is None:
+                    t0 = time.perf_counter()
+                    last = self._train_step()
+                    dt = time.perf_counter() - t0
+                    stop.timed_step(dt)
+                    seconds += dt
+                    self.monitor.count(self.tokens_per_step, dt)
+                    step, final = self.step, self.step == t.max_steps
+                    losses.append(last["loss"])
+                    if step % cfg.log.every == 0 or final:
+                        last.update(self.monitor.speed())
+                        self.log(step, last)
+                    self.monitor.show(step, last)
+                    if step % t.eval_every == 0 or final:
+                        val_loss = self.evaluate()
+                        self.log(step, {"val_loss": val_loss})
+                        self.monitor.message(f"step {step}: val_loss {val_loss:.4f}")
+                    for cb in self.callbacks:
+                        cb.on_step(self, step, last)
+                    stopped = None if final else self._agree_to_stop(stop)
+                    if step % t.save_every == 0 or final or stopped:
+                        t0 = time.perf_counter()
+                        self.save()
+                        stop.timed_save(time.perf_counter() - t0)
+            if stopped:
+                self.monitor.message(f"stopped at step {self.step}/{t.max_steps} ({stopped}); saved "
+                                     f"{self.last_checkpoint}; run the same command to continue")
             summary = self._summary(start, losses, last, val_loss, seconds)
+            summary["stopped"] = stopped
             for cb in self.callbacks:
                 cb.on_train_end(self, summary)
             ok = True
             return summary
         finally:
             self.monitor.close(ok)
+
+    def _agree_to_stop(self, stop: GracefulStop) -> Optional[str]:
+        """Stop after this step if any rank got a stop signal or nears train.time_limit (collective)."""
+        reason = stop.reason()
+        if self.world > 1:
+            anyone = parallel.all_reduce_mean(torch.tensor(float(reason is not None), device=self.device))
+            if anyone.item() > 0 and reason is None:
+                reason = "stop requested on another rank"
+        return reason
 
     def _summary(self, start: int, losses: list[float], last: dict[str, Any], val_loss: Optional[float],
                  seconds: float) -> dict[str, Any]:
@@ -191,18 +227,29 @@ class Trainer:
         # Check the loss before the update, so a NaN never reaches the weights.
         ce, aux = (parallel.all_reduce_mean(torch.stack([ce_sum, aux_sum])) / t.grad_accum).tolist()
         if not math.isfinite(ce + aux):
-            where = (f"last checkpoint: {self.last_checkpoint}" if self.last_checkpoint
-                     else "no checkpoint saved yet")
-            raise TrainingError(f"loss is {ce + aux} at step {self.step + 1} (ce {ce}, aux {aux}); {where}")
+            raise TrainingError(f"loss is {ce + aux} at step {self.step + 1} (ce {ce}, aux {aux}); "
+                                f"{self._last_good()}")
         lr = engine.get_lr()[0]
-        engine.step()
+        try:
+            engine.step()
+        except NonFiniteGradient:  # raised before the update: the weights are still those of the last step
+            raise TrainingError(f"gradient is not finite at step {self.step + 1} (loss {ce + aux:.4f}), "
+                                f"the update was not applied; {self._last_good()}") from None
         grad_norm = engine.get_global_grad_norm()  # before clipping; None when clipping is off
+        if grad_norm is not None and not math.isfinite(grad_norm):  # DeepSpeed skipped the update itself
+            raise TrainingError(f"gradient norm is {grad_norm} at step {self.step + 1} (loss {ce + aux:.4f}), "
+                                f"the update was not applied; {self._last_good()}")
         self.step += 1
         self.tokens += self.tokens_per_step
         metrics = {"loss": ce + aux, "ce": ce, "aux": aux, "lr": lr, "tokens": self.tokens}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint saved yet"
+        return f"last good checkpoint: {self.last_checkpoint}"
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -216,7 +263,9 @@ class Trainer:
         return (parallel.all_reduce_mean(total) / max(1, len(self.val_set))).item()
 
     def save(self) -> Path:
-        """Checkpoint the current step (collective)."""
+        """Checkpoint the current step (collective); refuses weights that are not finite."""
+        if not self._weights_finite():
+            raise TrainingError(f"weights are not finite at step {self.step}, not saving them; {self._last_good()}")
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -232,6 +281,11 @@ class Trainer:
         self.last_checkpoint = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step,
                                                self.tokenizer_path, state)
         return self.last_checkpoint
+
+    def _weights_finite(self) -> bool:
+        """Every rank's weights (its expert slice included) are finite; collective."""
+        bad = torch.stack([~torch.isfinite(p).all() for p in self.model.parameters()]).any().float()
+        return parallel.all_reduce_mean(bad.to(self.device)).item() == 0
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record scalars (metrics.jsonl, wandb); callable on every rank, only rank 0 writes."""

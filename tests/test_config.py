@@ -97,3 +97,22 @@ def test_resolved_config_round_trip(tmp_path):
 
 def test_defaults_are_valid():
     assert Config().validate() == Config()
+
+
+def test_list_override_keeps_glob_brackets():
+    cfg = load_config(None, ["data.corpus=[a/x-0[0-2].gz, 'b, c.txt', d/*.jsonl]", "eval.tasks=[piqa]"])
+    assert cfg.data.corpus == ["a/x-0[0-2].gz", "b, c.txt", "d/*.jsonl"]
+    assert cfg.eval.tasks == ["piqa"]
+    assert error(["data.corpus=[a/x-0[0-2].gz"]).startswith("override data.corpus=[a/x-0[0-2].gz: not valid YAML")
+
+
+def test_smear_segment_must_be_shorter_than_the_sequence():
+    smear = ["model.routing.router=smear", "data.seq_len=64"]
+    assert load_config(None, [*smear, "model.routing.segment_len=63"]).model.routing.segment_len == 63
+    assert error([*smear, "model.routing.segment_len=64"]).startswith(
+        "model.routing.segment_len=64 must be < data.seq_len=64")
+
+
+def test_stop_settings():
+    assert error(["train.stop_signals=[SIGKILL]"]).startswith("train.stop_signals='SIGKILL': expected one of SIGTERM")
+    assert error(["train.time_limit=-1"]).startswith("train.time_limit=-1.0: expected seconds >= 0")

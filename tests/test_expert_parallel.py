@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from llm.checkpoint import load_weights
 from llm.config import ConfigError, load_config
 from llm.monitor import read_metrics
 from llm.parallel import groups
@@ -190,7 +191,7 @@ def test_deepspeed_launcher_trains_with_ep2(ds_run):
     assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1] - 0.5, losses
     trainer = json.loads((ds_run / "checkpoints" / "step_0000006" / "trainer.json").read_text())
     assert trainer["world_size"] == 2 and trainer["ep_size"] == 2
-    state = torch.load(ds_run / "checkpoints" / "step_0000006" / "model.pt", weights_only=True)
+    state = load_weights(ds_run / "checkpoints" / "step_0000006")
     assert state["blocks.0.ffn.experts.w1"].shape[0] == 4  # global experts, not this rank's 2
 
 

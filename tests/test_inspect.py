@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.checkpoint import load_model, write_model_files
+from llm.checkpoint import load_model, load_weights, write_model_files
 from llm.cli import main
 from llm.config import Config, from_dict
 from llm.data import TokenLoader, data_dir, prepare
@@ -141,7 +141,7 @@ def test_lapsum_budget_and_active_experts_match_a_direct_count(data, tmp_path, c
 
     # Budget: k_l = 1 + softmax(η)_l (K − L), from the saved η.
     K = 1.5 * LAYERS
-    eta = torch.load(ckpt / "model.pt", weights_only=True)["budget.eta"].double()
+    eta = load_weights(ckpt)["budget.eta"].double()
     expected_k = 1 + torch.exp(eta) / torch.exp(eta).sum() * (K - LAYERS)
     assert report["K"] == pytest.approx(K)
     assert sum(r["k"] for r in layers) == pytest.approx(K, abs=1e-12)
@@ -273,7 +273,7 @@ def test_over_time_follows_the_budget_across_checkpoints(data, tmp_path, capsys)
     reports = out["checkpoints"]
     assert [r["step"] for r in reports] == [100, 200, 300]
     for i, rep in enumerate(reports):
-        eta = torch.load(Path(rep["checkpoint"]) / "model.pt", weights_only=True)["budget.eta"].double()
+        eta = load_weights(rep["checkpoint"])["budget.eta"].double()
         k = 1 + eta.softmax(0) * (out["K"] - LAYERS)
         assert [r["k"] for r in rep["layers"]] == pytest.approx(k.tolist(), abs=1e-12)
     assert (tmp_path / "plots" / "over_time.png").stat().st_size > 5000

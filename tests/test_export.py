@@ -12,22 +12,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import sentencepiece as spm
 import torch
 
 from llm.checkpoint import load_model, write_model_files
 from llm.cli import main as cli_main
 from llm.config import Config, DataConfig, ModelConfig, RoutingConfig
 from llm.data import Tokenizer
-from llm.data.prepare import SPM_OPTIONS
 from llm.export import ExportError, export
 from llm.export.convert import MODELING_FILE
 from llm.model import build_model
-from tests.test_evaluation import SAMPLE, sample_texts
+from tests.test_evaluation import SAMPLE, VOCAB, sample_texts, tokenizer_path  # noqa: F401 (a fixture)
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 512
 MAX_LEN = 64
 # name: (routing, architecture the export must choose)
 ROUTERS = {
@@ -41,15 +38,6 @@ ROUTERS = {
 }
 EDGE_TEXTS = ["Hello world", " leading space", "two  spaces", "  ", "line\nbreak\n\n", "trailing ",
               "digits 12345 and 3.14", "émoji 🙂 中文 ß", "", "\ttab"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    lines = [line for text in sample_texts() for line in text.split("\n") if line]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tok"),
-                                   vocab_size=VOCAB, minloglevel=2, **{**SPM_OPTIONS, "num_threads": 1})
-    return out / "tok.model"
 
 
 def write_random_checkpoint(ckpt: Path, tokenizer_path: Path, routing: dict, n_layers: int = 3,

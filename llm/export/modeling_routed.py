@@ -84,8 +84,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Normalised in fp32, scaled in the model's dtype: what the training code computes.
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
 def rope_angles(head_dim: int, start: int, length: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:

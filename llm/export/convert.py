@@ -124,17 +124,21 @@ def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
     else:
         config, tensors = native_config(cfg, arch), native_tensors(model, layers, arch)
     ids = special_ids(loaded.tokenizer)
-    config.update(ids, torch_dtype="float32", use_cache=True)
+    config.update(ids, dtype="float32", use_cache=True)
 
     stage = out.with_name(out.name + ".tmp")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    shards = write_weights(tensors, stage, max_shard_bytes)
-    (stage / "config.json").write_text(json.dumps(config, indent=2))
-    (stage / "generation_config.json").write_text(json.dumps({**ids, "do_sample": False}, indent=2))
-    export_tokenizer(loaded.tokenizer, stage)
-    if arch is None:
-        shutil.copyfile(MODELING_FILE, stage / MODELING_FILE.name)
+    try:
+        shards = write_weights(tensors, stage, max_shard_bytes)
+        (stage / "config.json").write_text(json.dumps(config, indent=2))
+        (stage / "generation_config.json").write_text(json.dumps({**ids, "do_sample": False}, indent=2))
+        export_tokenizer(loaded.tokenizer, stage)
+        if arch is None:
+            shutil.copyfile(MODELING_FILE, stage / MODELING_FILE.name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     stage.rename(out)

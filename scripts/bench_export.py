@@ -2,6 +2,7 @@
 
     python scripts/bench_export.py                       # tiny models of every router, then configs/gpt-125m-*.yaml
     python scripts/bench_export.py --skip-125m           # the fidelity table only
+    python scripts/bench_export.py --skip-tiny --check   # the 125M table only, with a logit check
     python scripts/bench_export.py --configs configs/gpt-125m-dense.yaml --check
 
 Fidelity (tiny models, one per router): the largest |logit| difference between
@@ -80,6 +81,8 @@ def fidelity(ckpt: Path, out: Path, prompts: list[list[int]], new_tokens: int) -
     for ids in prompts:
         x = torch.tensor([ids])
         worst = max(worst, float((hf(x).logits - ours(x).logits).abs().max()))
+        if not new_tokens:
+            continue
         prompt = x[:, : len(ids) // 2]
         got = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False)[0, prompt.shape[1]:].tolist()
         want = our_greedy(ours, prompt, new_tokens)
@@ -134,7 +137,8 @@ def size_table(configs: list[str], tokenizer: Path, work: Path, check: bool) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=sorted(glob.glob("configs/gpt-125m-*.yaml")))
-    parser.add_argument("--skip-125m", action="store_true")
+    parser.add_argument("--skip-125m", action="store_true", help="only the fidelity table of the tiny models")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the time and size table of --configs")
     parser.add_argument("--check", action="store_true", help="also compare logits of the 125M exports")
     args = parser.parse_args()
     base = load_config(args.configs[0]) if args.configs else load_config("configs/gpt-125m-dense.yaml")
@@ -143,9 +147,10 @@ def main() -> None:
     tokenizer = prepare(base) / "tokenizer.model"
     print(f"tokenizer: {tokenizer} ({time.perf_counter() - t0:.0f} s)\n")
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_table(tokenizer, base.model.vocab_size, Path(tmp))
-        if not args.skip_125m:
+        if not args.skip_tiny:
+            tiny_table(tokenizer, base.model.vocab_size, Path(tmp))
             print()
+        if not args.skip_125m:
             size_table(args.configs, tokenizer, Path(tmp), args.check)
 
 

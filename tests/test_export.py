@@ -133,6 +133,7 @@ def test_tokenizer_gives_our_ids_and_specials(tmp_path, tokenizer_path):
     ours = Tokenizer.load(tokenizer_path)
     for text in EDGE_TEXTS + sample_texts()[:20]:
         assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text), repr(text)
+    assert hf("a b")["input_ids"] == ours.encode("a b")  # adds no BOS/EOS by default either
     assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (ours.eos_id, ours.bos_id, ours.pad_id)
     ids = ours.encode(sample_texts()[0])
     assert hf.decode(ids) == ours.decode(ids)

@@ -61,6 +61,7 @@ def save_random_checkpoint(cfg: Config, ckpt: Path, tokenizer: Path, sharpen_rou
 
 
 def our_greedy(model, prompt: torch.Tensor, steps: int) -> list[int]:
+    """Greedy continuation with the project's own incremental decoding (DecodeCache)."""
     cache = model.new_cache()
     logits = model(prompt, cache=cache).logits[:, -1]
     out = []

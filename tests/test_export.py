@@ -4,6 +4,7 @@ sharding, and lm-eval's own `hf` model against `llm eval`."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -14,14 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from llm.checkpoint import load_model, write_model_files
+from llm.checkpoint import load_model
 from llm.cli import main as cli_main
 from llm.config import Config, DataConfig, ModelConfig, RoutingConfig
 from llm.data import Tokenizer
 from llm.export import ExportError, export
 from llm.export.convert import MODELING_FILE
-from llm.model import build_model
-from tests.test_evaluation import SAMPLE, VOCAB, sample_texts, tokenizer_path  # noqa: F401 (a fixture)
+from tests.test_evaluation import ROOT, SAMPLE, VOCAB, sample_texts, tokenizer_path  # noqa: F401 (a fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,6 +40,18 @@ EDGE_TEXTS = ["Hello world", " leading space", "two  spaces", "  ", "line\nbreak
               "digits 12345 and 3.14", "émoji 🙂 中文 ß", "", "\ttab"]
 
 
+def _load_bench():
+    """scripts/bench_export.py, which holds the random-checkpoint writer and our greedy decoding."""
+    spec = importlib.util.spec_from_file_location("bench_export", ROOT / "scripts" / "bench_export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+our_greedy = bench.our_greedy
+
+
 def write_random_checkpoint(ckpt: Path, tokenizer_path: Path, routing: dict, n_layers: int = 3,
                             seed: int = 0, **model) -> Path:
     """A randomly initialised checkpoint with sharp routing (the default router init routes
@@ -48,24 +60,8 @@ def write_random_checkpoint(ckpt: Path, tokenizer_path: Path, routing: dict, n_l
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, d_ff=64, max_seq_len=MAX_LEN,
                       init_std=0.1, routing=RoutingConfig(**routing), **model)
     cfg.validate()
-    net = build_model(cfg)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if any(key in name for key in ("router", "prior", "budget")):
-                p.normal_(0, 1.0)
-    write_model_files(ckpt, net.state_dict(), Config(model=cfg, data=DataConfig(seq_len=MAX_LEN)), tokenizer_path, {"step": 7})
-    return ckpt
-
-
-def our_greedy(model, prompt: torch.Tensor, steps: int) -> list[int]:
-    """Greedy continuation with the project's own incremental decoding (DecodeCache)."""
-    cache = model.new_cache()
-    logits = model(prompt, cache=cache).logits[:, -1]
-    out = []
-    for _ in range(steps):
-        out.append(int(logits.argmax(-1)))
-        logits = model(torch.tensor([[out[-1]]]), cache=cache).logits[:, -1]
-    return out
+    return bench.save_random_checkpoint(Config(model=cfg, data=DataConfig(seq_len=MAX_LEN)), ckpt, tokenizer_path,
+                                        sharpen_routing=True)
 
 
 def run_cli(*args: str) -> int:

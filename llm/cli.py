@@ -3,6 +3,7 @@
     llm prepare CONFIG [key=value ...]   tokenize the corpus (prints the data directory)
     llm train   CONFIG [key=value ...]   train (prepares the data first when needed)
     llm eval    CHECKPOINT --tasks a,b   lm-eval tasks on a checkpoint (prints and saves the table)
+    llm export  CHECKPOINT OUT_DIR       a Hugging Face model directory (transformers, lm-eval hf, the Hub)
 
 Problems the user can fix (config, data, checkpoint) print `error: <one line>` and exit
 with status 2; a training failure (e.g. NaN loss) exits with 1; no tracebacks for either.
@@ -84,6 +85,37 @@ def eval_command(args: argparse.Namespace) -> None:
     except EvalError as err:  # lm-eval is imported only for this command, so its error is caught here
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("out_dir", help="the Hugging Face model directory to write")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="split model.safetensors into shards of at most this size (default 5)")
+
+
+@command("export", "write a checkpoint as a Hugging Face model directory (safetensors, config, tokenizer)",
+         export_arguments)
+def export_command(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from llm.export import ExportError, export
+
+    missing = [name for name in ("transformers", "safetensors") if importlib.util.find_spec(name) is None]
+    if missing:  # they come with the dev extra
+        print(f"error: llm export needs {' and '.join(missing)}: pip install -e '.[dev]'", file=sys.stderr)
+        raise SystemExit(2)
+    if args.max_shard_gb <= 0:
+        print(f"error: --max-shard-gb {args.max_shard_gb}: expected > 0", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        summary = export(args.checkpoint, args.out_dir, force=args.force,
+                         max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(summary.out_dir)
 
 
 def inspect_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,8 +16,9 @@ Writes into DIR:
     loss.png                training loss of every run on one figure (validation loss as dots)
     budget.png              LapSum's k_l per layer (runs with a LapSum router)
 
-Fairness is checked, not assumed: every run's resolved config must equal the others' outside
-`model.routing` (plus run name, run directory and logging), or the study refuses to start.
+Fairness is checked, not assumed: every run's resolved model, data, train and parallel settings
+must equal the others' outside `model.routing` (and the seed and run directory), or the study
+refuses to start.
 
 Resumable: a run whose row.json exists is skipped; a run that was cut short continues from
 its latest checkpoint (`train.resume=auto`), and resuming is exact, so a killed study re-run
@@ -44,8 +45,10 @@ from llm.config import Config, ConfigError, load_config, to_dict  # noqa: E402
 log = logging.getLogger("llm.study")
 
 ROUTER_CONFIGS = ["tiny-dense", "tiny-switch", "tiny-topk", "tiny-lapsum", "tiny-lapsum-fixed", "tiny-smear"]
-# What may differ between runs: the FFN, and keys that name, place or log a run without changing it.
-VARYING = ("name", "model.routing", "train.out_dir", "log", "eval")
+# The sections that decide what a run computes (`log` and `eval` only observe it), and the keys
+# of theirs that may differ between runs: the FFN, the run's directory, and the seed of a repetition.
+TRAINING_SECTIONS = ("model", "data", "train", "parallel")
+VARYING = ("model.routing", "train.out_dir", "train.seed")
 
 
 @dataclass
@@ -91,29 +94,19 @@ def plan(study: Study) -> list[Run]:
 
 
 def check_fair(runs: list[Run]) -> None:
-    """ConfigError unless the runs of one seed differ only in the VARYING keys."""
+    """ConfigError unless the runs differ only in the FFN (and the seed, between repetitions)."""
     def shared(run: Run) -> dict[str, Any]:
-        flat = _flatten(to_dict(run.cfg))
-        return {k: v for k, v in flat.items()
-                if not any(k == key or k.startswith(key + ".") for key in VARYING) and k != "train.seed"}
+        raw = to_dict(run.cfg)
+        return {f"{section}.{key}": value for section in TRAINING_SECTIONS for key, value in raw[section].items()
+                if f"{section}.{key}" not in VARYING}
 
     reference = shared(runs[0])
     for run in runs[1:]:
         for key, value in shared(run).items():
-            if value != reference.get(key):
+            if value != reference[key]:
                 raise ConfigError(f"{run.config} and {runs[0].config} differ in {key} ({value!r} vs "
-                                  f"{reference.get(key)!r}): the study compares FFNs only; align the configs "
+                                  f"{reference[key]!r}): the study compares FFNs only; align the configs "
                                   f"or pass --set {key}=VALUE")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run_one(run: Run, study: Study) -> dict[str, Any]:

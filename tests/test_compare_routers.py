@@ -3,6 +3,7 @@ only in the FFN, LapSum's budget invariant in the table, and a killed study that
 same numbers (finished runs skipped, a half-finished run continued from its checkpoint)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -70,3 +71,19 @@ def test_study_end_to_end_and_resume(tmp_path):
     again = json.loads((out / "results.json").read_text())
     for key in ("train_loss", "val_loss", "k_per_layer", "heldout", "active_experts"):
         assert again[1][key] == lapsum[key], key  # resuming is exact
+
+
+def test_configs_that_differ_outside_the_ffn_are_refused(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("compare_routers", REPO / "scripts" / "compare_routers.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    other = yaml.safe_load((REPO / "configs" / "tiny-topk.yaml").read_text())
+    other["train"]["lr"] = 1.0e-3
+    (tmp_path / "tiny-topk-lr.yaml").write_text(yaml.safe_dump(other))
+    argv = ["--corpus", "corpus.jsonl", "--steps", "2", "--out", str(tmp_path / "study"), "--tasks", "",
+            "--configs", str(REPO / "configs" / "tiny-dense.yaml"), str(tmp_path / "tiny-topk-lr.yaml")]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tiny-topk-lr and tiny-dense differ in train.lr (0.001 vs 0.003)"), err
+    assert "\n" not in err and not (tmp_path / "study").exists()

@@ -138,7 +138,8 @@ def curve_summary(run_dir: Path) -> dict[str, Any]:
     records = read_metrics(run_dir)
     train_records = [r for r in records if "loss" in r]
     speeds = [r["tokens_per_s"] for r in train_records if "tokens_per_s" in r]
-    return {"train_loss": train_records[-1]["loss"], "val_loss": [r for r in records if "val_loss" in r][-1]["val_loss"],
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    return {"train_loss": train_records[-1]["loss"], "val_loss": val_losses[-1],
             "tokens_per_s": statistics.fmean(speeds) if speeds else None}
 
 

@@ -4,6 +4,7 @@ files, and one-line errors for files that cannot be scored."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -96,7 +97,8 @@ def test_text_and_tasks_in_one_run(tmp_path, tokenizer_path):
     assert saved["llm"]["texts"] == texts and saved["llm"]["tasks"] == ["winogrande"]
     a = saved["text"][texts[0]]
     assert a["words"] == 3 and a["bytes"] == 13
-    assert saved["results"][texts[0]]["bits_per_byte,none"] == pytest.approx(-a["loglikelihood"] / 13 / 0.6931471805599453)
+    bits = -a["loglikelihood"] / math.log(2)
+    assert saved["results"][texts[0]]["bits_per_byte,none"] == pytest.approx(bits / 13)
 
 
 def test_unscorable_text_files_are_one_line_errors_with_status_2(tmp_path, tokenizer_path, capsys):

@@ -275,10 +275,12 @@ def plot_budgets(rows: list[dict[str, Any]], path: Path) -> bool:
     width = 0.8 / len(lapsum)
     for i, (config, ks) in enumerate(lapsum.items()):
         mean = [statistics.fmean(layer) for layer in zip(*ks)]
-        ax.bar([layer + i * width for layer in range(len(mean))], mean, width, label=f"{config} ({len(ks)} seeds)")
+        offset = (i - (len(lapsum) - 1) / 2) * width  # the group of bars centred on the layer's tick
+        ax.bar([layer + offset for layer in range(len(mean))], mean, width, label=f"{config} (seeds: {len(ks)})")
+    ax.set_xticks(range(len(mean)))
     ax.set_xlabel("routed layer")
     ax.set_ylabel("k_l (experts per token)")
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.savefig(path, dpi=90)
     return True
 

@@ -22,7 +22,9 @@ refuses to start.
 
 Resumable: a run whose row.json exists is skipped; a run that was cut short continues from
 its latest checkpoint (`train.resume=auto`), and resuming is exact, so a killed study re-run
-with the same arguments gives the same table.
+with the same arguments gives the same table. A run directory started with other settings
+(e.g. another --steps) is refused rather than mixed in. `wall_s` and `train_seconds` are those
+of the invocation that finished the run.
 """
 from __future__ import annotations
 
@@ -95,18 +97,33 @@ def plan(study: Study) -> list[Run]:
 
 def check_fair(runs: list[Run]) -> None:
     """ConfigError unless the runs differ only in the FFN (and the seed, between repetitions)."""
-    def shared(run: Run) -> dict[str, Any]:
-        raw = to_dict(run.cfg)
-        return {f"{section}.{key}": value for section in TRAINING_SECTIONS for key, value in raw[section].items()
-                if f"{section}.{key}" not in VARYING}
-
-    reference = shared(runs[0])
+    reference = _settings(runs[0].cfg, VARYING)
     for run in runs[1:]:
-        for key, value in shared(run).items():
+        for key, value in _settings(run.cfg, VARYING).items():
             if value != reference[key]:
                 raise ConfigError(f"{run.config} and {runs[0].config} differ in {key} ({value!r} vs "
                                   f"{reference[key]!r}): the study compares FFNs only; align the configs "
                                   f"or pass --set {key}=VALUE")
+
+
+def check_continuable(run: Run) -> None:
+    """ConfigError if the run's directory holds a run started with other settings (another --steps,
+    corpus, ...): skipping or resuming it would mix two studies in one table."""
+    saved_path = run.dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _settings(load_config(saved_path), ())
+    for key, value in _settings(run.cfg, ()).items():
+        if value != saved.get(key):
+            raise ConfigError(f"{run.dir} was started with {key}={saved.get(key)!r}, this study has {value!r}: "
+                              f"pass another --out, or remove that run directory to redo it")
+
+
+def _settings(cfg: Config, ignore: tuple[str, ...]) -> dict[str, Any]:
+    """{section.key: value} of the sections that decide what a run computes, less the `ignore` keys."""
+    raw = to_dict(cfg)
+    return {f"{section}.{key}": value for section in TRAINING_SECTIONS for key, value in raw[section].items()
+            if f"{section}.{key}" not in ignore}
 
 
 def run_one(run: Run, study: Study) -> dict[str, Any]:
@@ -346,6 +363,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for text in study.heldout:
             read_text(text)
         study.out.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            check_continuable(run)
         rows = []
         for i, run in enumerate(runs, 1):
             saved = run.dir / "row.json"

@@ -73,7 +73,7 @@ def test_study_end_to_end_and_resume(tmp_path):
         assert again[1][key] == lapsum[key], key  # resuming is exact
 
 
-def test_configs_that_differ_outside_the_ffn_are_refused(tmp_path, capsys, monkeypatch):
+def test_configs_that_differ_outside_the_ffn_or_from_an_earlier_start_are_refused(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("compare_routers", REPO / "scripts" / "compare_routers.py")
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up
@@ -87,3 +87,17 @@ def test_configs_that_differ_outside_the_ffn_are_refused(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: tiny-topk-lr and tiny-dense differ in train.lr (0.001 vs 0.003)"), err
     assert "\n" not in err and not (tmp_path / "study").exists()
+
+    # A run directory left by a study with another step count is refused, not skipped or extended.
+    from llm.config import save_config
+
+    argv = ["--corpus", "corpus.jsonl", "--steps", "2", "--out", str(tmp_path / "study"), "--tasks", "",
+            "--configs", str(REPO / "configs" / "tiny-dense.yaml")]
+    (earlier,) = script.plan(script.parse(argv))
+    earlier.cfg.train.max_steps = 5
+    run_dir = earlier.dir
+    run_dir.mkdir(parents=True)
+    save_config(earlier.cfg, run_dir / "config.yaml")
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {run_dir} was started with train.max_steps=5, this study has 2"), err

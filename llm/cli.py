@@ -3,6 +3,7 @@
     llm prepare CONFIG [key=value ...]   tokenize the corpus (prints the data directory)
     llm train   CONFIG [key=value ...]   train (prepares the data first when needed)
     llm eval    CHECKPOINT --tasks a,b   lm-eval tasks on a checkpoint (prints and saves the table)
+    llm eval    CHECKPOINT --text FILE   held-out perplexity of a text file (same results files)
     llm export  CHECKPOINT OUT_DIR       a Hugging Face model directory (transformers, lm-eval hf, the Hub)
 
 Problems the user can fix (config, data, checkpoint) print `error: <one line>` and exit
@@ -63,9 +64,12 @@ def train_command(args: argparse.Namespace) -> None:
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
-    parser.add_argument("--tasks", required=True,
+    parser.add_argument("--tasks", default=None,
                         help="comma-separated tasks: lambada_openai, hellaswag, piqa, arc_easy, arc_challenge, "
                              "winogrande read local data (eval/tasks/); other lm-eval task names use the hub")
+    parser.add_argument("--text", action="append", default=[], metavar="FILE",
+                        help="a UTF-8 text file to score as one document (word/byte/token perplexity, bits per "
+                             "byte, as lm-eval's wikitext task); repeat for several")
     parser.add_argument("--limit", type=int, default=None, help="at most N documents per task")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -76,13 +80,15 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="results JSON (default: CHECKPOINT/eval/results.json); the table goes next to it as .md")
 
 
-@command("eval", "score a checkpoint on lm-eval tasks; print the table, save results JSON + markdown", eval_arguments)
+@command("eval", "score a checkpoint on lm-eval tasks and/or text files; print the table, save results JSON + "
+                 "markdown", eval_arguments)
 def eval_command(args: argparse.Namespace) -> None:
     from llm.evaluation import EvalError, main as evaluate
+    from llm.perplexity import TextError
 
     try:
         evaluate(args)
-    except EvalError as err:  # lm-eval is imported only for this command, so its error is caught here
+    except (EvalError, TextError) as err:  # lm-eval is imported only for this command, so its error is caught here
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -53,6 +53,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
+from llm import perplexity
 from llm.monitor import Callback
 
 log = logging.getLogger(__name__)
@@ -488,22 +489,30 @@ def markdown(results: dict[str, Any]) -> str:
 def run_eval(checkpoint: str | Path, tasks: Sequence[str], limit: Optional[int] = None,
              num_fewshot: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None,
              dtype: Optional[str] = None, data_dir: str | Path | None = None,
-             out: str | Path | None = None) -> tuple[dict[str, Any], Path]:
-    """`llm eval`: evaluate a checkpoint, write results JSON + markdown table, return (results, JSON path)."""
+             out: str | Path | None = None, texts: Sequence[str | Path] = ()) -> tuple[dict[str, Any], Path]:
+    """`llm eval`: evaluate a checkpoint on lm-eval tasks and/or the perplexity of text files, write
+    results JSON + markdown table, return (results, JSON path)."""
     if limit is not None and limit <= 0:
         raise EvalError(f"--limit {limit}: expected a positive number of documents per task")
     if num_fewshot is not None and num_fewshot < 0:
         raise EvalError(f"--num-fewshot {num_fewshot}: expected >= 0")
-    task_set = resolve_tasks(tasks, data_dir)  # bad names and missing data fail before the model loads
+    if not tasks and not texts:
+        raise EvalError("nothing to evaluate: pass --tasks TASKS and/or --text FILE")
+    # bad task names, missing task data and unreadable text files fail before the model loads
+    task_set = resolve_tasks(tasks, data_dir) if tasks else None
+    documents = [perplexity.read_text(path) for path in texts]
     t0 = time.time()
     lm = LLMEvalModel(checkpoint=str(checkpoint), batch_size=batch_size, device=device, dtype=dtype)
-    results = evaluate(lm, task_set, limit=limit, num_fewshot=num_fewshot)
+    results = evaluate(lm, task_set, limit=limit, num_fewshot=num_fewshot) if task_set else {}
+    perplexity.add_results(results, documents, perplexity.score(lm, documents))
     seconds = time.time() - t0
     results["llm"] = {
-        "checkpoint": str(lm.checkpoint), "step": lm.step, "tasks": task_set.names, "limit": limit,
+        "checkpoint": str(lm.checkpoint), "step": lm.step, "tasks": task_set.names if task_set else [],
+        "texts": [d.name for d in documents], "limit": limit,
         "num_fewshot": num_fewshot, "batch_size": lm.batch_size, "device": str(lm.device),
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "data_dir": str(task_set.data_dir) if task_set.data_dir else None, "seconds": round(seconds, 1),
+        "data_dir": str(task_set.data_dir) if task_set and task_set.data_dir else None,
+        "seconds": round(seconds, 1),
     }
     json_path = Path(out) if out else lm.checkpoint / "eval" / "results.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -526,9 +535,9 @@ def _jsonable(obj: Any) -> Any:
 def main(args) -> None:
     """`llm eval` from its parsed arguments (declared in llm/cli.py); EvalError propagates."""
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # our own lines and the table say what matters
-    results, path = run_eval(args.checkpoint, args.tasks.split(","), limit=args.limit,
+    results, path = run_eval(args.checkpoint, args.tasks.split(",") if args.tasks else [], limit=args.limit,
                              num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
-                             dtype=args.dtype, data_dir=args.data_dir, out=args.out)
+                             dtype=args.dtype, data_dir=args.data_dir, out=args.out, texts=args.text)
     print(markdown(results))
     print(f"results: {path} and {path.with_suffix('.md')} ({results['llm']['seconds']:.0f} s)")
 

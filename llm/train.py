@@ -63,6 +63,16 @@ class Trainer:
         self.device = parallel.device()
         self.data_dir = _ensure_data(cfg)
         self.tokenizer_path = self.data_dir / "tokenizer.model"
+        # The loaders check every shard against the manifest: damaged data fails before the model is built.
+        from llm.data import TokenLoader
+
+        dp_rank, dp_world = parallel.dp_rank_world()
+        self.loader = TokenLoader(self.data_dir, "train", cfg.data.seq_len, t.micro_batch_size,
+                                  dp_rank, dp_world, t.seed)
+        self.val_set = TokenLoader(self.data_dir, "val", cfg.data.seq_len, t.micro_batch_size,
+                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
+        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
+        _warn_repeats(t.max_steps * self.tokens_per_step, len(self.loader.tokens))
 
         resume_from = checkpoint.resume_checkpoint(cfg)
         if resume_from is not None:
@@ -92,15 +102,6 @@ class Trainer:
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
             self.last_checkpoint = resume_from
 
-        from llm.data import TokenLoader
-
-        dp_rank, dp_world = parallel.dp_rank_world()
-        self.loader = TokenLoader(self.data_dir, "train", cfg.data.seq_len, t.micro_batch_size,
-                                  dp_rank, dp_world, t.seed)
-        self.val_set = TokenLoader(self.data_dir, "val", cfg.data.seq_len, t.micro_batch_size,
-                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
-        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
-        _warn_repeats(t.max_steps * self.tokens_per_step, len(self.loader.tokens))
         self.monitor = Monitor(
             cfg, self.run_dir, start_step=self.step, fresh=resume_from is None,
             flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -320,6 +321,29 @@ def test_clear_errors(tmp_path, name, content, field, expected):
     with pytest.raises(DataError, match=expected.replace("(", r"\(").replace(")", r"\)")) as err:
         prepare(cfg)
     assert "\n" not in str(err.value) and name.split("*")[0] in str(err.value)  # one line naming the file
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "line 2 (byte {at}) is not UTF-8 (invalid continuation byte"),
+    ("bad.jsonl.gz", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "line 2 (uncompressed byte {at}) is not UTF-8"),
+    ("bad.txt", b"first line\nsecond \xff line\n", "line 2 (byte {at}) is not UTF-8 (invalid start byte"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": oops}\n', "line 2 is not JSON (Expecting value at column 10)"),
+    ("bad.jsonl.gz", None, "could not read ("),
+])
+def test_unreadable_file_is_one_line_naming_file_and_place(tmp_path, corpus, name, content, expected):
+    bad = tmp_path / name
+    if content is None:  # a gzip file cut short, e.g. by an interrupted copy
+        write_jsonl(tmp_path / "whole.jsonl.gz", [{"text": t} for t in make_docs(200)])
+        bad.write_bytes((tmp_path / "whole.jsonl.gz").read_bytes()[:3000])
+    elif name.endswith(".gz"):
+        bad.write_bytes(gzip.compress(content))
+    else:
+        bad.write_bytes(content)
+    at = next((content.index(byte) for byte in (b"\xe9", b"\xff") if content and byte in content), 0)
+    cfg = make_cfg(tmp_path, [corpus[0] / "part-1.jsonl", bad], num_proc=2)  # read in a worker process
+    with pytest.raises(DataError, match="^" + re.escape(f"{bad}: " + expected.format(at=at))) as err:
+        prepare(cfg)
+    assert "\n" not in str(err.value)
 
 
 def test_errors_for_tokenizer_settings(tmp_path, prepared):

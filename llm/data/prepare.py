@@ -149,10 +149,13 @@ def prepare(cfg: Config, shard: tuple[int, int] = (0, 1)) -> Path:
     if given is None:
         _train_tokenizer(cfg, jobs, out / "tokenizer.model")
     elif not (out / "tokenizer.model").is_file():
-        _publish_copy(given.path, out / "tokenizer.model")
+        tmp = out / f"tokenizer.model.tmp-{os.getpid()}"
+        shutil.copyfile(given.path, tmp)
+        _publish_once(tmp, out / "tokenizer.model")
+    tokenizer_sha = _file_sha256(out / "tokenizer.model")
 
     index, count = shard
-    finished = {j.unit.index for j in jobs if _unit_record(out, j.unit.index) is not None}
+    finished = {j.unit.index for j in jobs if _unit_record(out, j.unit.index, tokenizer_sha) is not None}
     todo = [j for j in jobs if j.unit.index % count == index and j.unit.index not in finished]
     if finished:
         log.info("%d of %d units already tokenized (resuming)", len(finished), len(jobs))
@@ -163,7 +166,7 @@ def prepare(cfg: Config, shard: tuple[int, int] = (0, 1)) -> Path:
         bar.update()
         bar.set_postfix_str(f"{tokens:,} tokens")
     bar.close()
-    records = [_unit_record(out, j.unit.index) for j in jobs]
+    records = [_unit_record(out, j.unit.index, tokenizer_sha) for j in jobs]
     seconds = time.time() - t0
     if any(r is None for r in records):
         missing = sum(r is None for r in records)
@@ -212,12 +215,15 @@ def _parallel(fn: Callable[[T], R], jobs: list[T], num_proc: int, ordered: bool 
         yield from (pool.imap if ordered else pool.imap_unordered)(fn, jobs)
 
 
-def _unit_record(directory: Path, unit: int) -> Optional[dict]:
-    """The record of a finished unit whose files are still intact, else None (it is to be redone)."""
+def _unit_record(directory: Path, unit: int, tokenizer_sha: str) -> Optional[dict]:
+    """The record of a finished unit whose files are intact and were written with this directory's
+    tokenizer; else None (the unit is to be redone)."""
     path = store.unit_record_path(directory, unit)
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+    if record.get("tokenizer_sha256") != tokenizer_sha:
         return None
     for split in store.SPLITS:
         shard = directory / record[split]["file"]
@@ -258,6 +264,7 @@ def _manifest(cfg: Config, sources: list[Source], jobs: list[UnitJob], records: 
         "pad_id": tok.pad_id,
         "unk_id": tok.unk_id,
         "tokenizer": str(data.tokenizer) if data.tokenizer else "trained",
+        "tokenizer_sha256": records[0]["tokenizer_sha256"],
         "corpus": list(data.corpus),
         "text_field": data.text_field,
         "val_fraction": data.val_fraction,
@@ -302,10 +309,18 @@ def _check_given_tokenizer(cfg: Config) -> Tokenizer | None:
     return tok
 
 
-def _publish_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _publish_once(tmp: Path, dst: Path) -> None:
+    """Move `tmp` to `dst` unless another process (or machine) published `dst` first: the first one wins."""
+    try:
+        os.link(tmp, dst)  # atomic, and fails if dst exists
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------- documents
@@ -356,7 +371,7 @@ def _train_tokenizer(cfg: Config, jobs: list[UnitJob], path: Path) -> None:
             message = one_line(err).split("] ", 1)[-1]
             raise DataError(f"sentencepiece could not train model.vocab_size={cfg.model.vocab_size} on "
                             f"{used:,} characters: {message} (lower model.vocab_size or add text)") from None
-    os.replace(tmp, path)
+    _publish_once(tmp, path)
     log.info("trained a %d-token BPE tokenizer on %s characters in %.1fs", cfg.model.vocab_size,
              f"{used:,}", time.time() - t0)
 
@@ -409,10 +424,16 @@ class _ShardWriter:
                 "documents": self.documents}
 
 
+def _tokenizer(path: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer at `path` and the sha256 of its file, loaded once per process and file version."""
+    st = path.stat()
+    return _load_tokenizer(path, st.st_mtime_ns, st.st_size)
+
+
 @functools.lru_cache(maxsize=2)
-def _tokenizer(path: Path) -> Tokenizer:
-    """One loaded tokenizer per worker process, reused for all its units."""
-    return Tokenizer.load(path)
+def _load_tokenizer(path: Path, mtime_ns: int, size: int) -> tuple[Tokenizer, str]:
+    """`mtime_ns` and `size` only key the cache: a file replaced at the same path is loaded anew."""
+    return Tokenizer.load(path), _file_sha256(path)
 
 
 def _encoded(job: UnitJob, tok: Tokenizer) -> Iterator[tuple[int, list[int]]]:
@@ -426,7 +447,7 @@ def _encoded(job: UnitJob, tok: Tokenizer) -> Iterator[tuple[int, list[int]]]:
 
 def _tokenize_unit(job: UnitJob) -> dict:
     """Tokenize one unit into its train and val shards; write its record last; return the record."""
-    tok = _tokenizer(job.directory / "tokenizer.model")
+    tok, tokenizer_sha = _tokenizer(job.directory / "tokenizer.model")
     writers = {split: _ShardWriter(job.directory, split, job.unit.index, token_dtype(tok.vocab_size))
                for split in store.SPLITS}
     left = job.max_tokens
@@ -436,6 +457,7 @@ def _tokenize_unit(job: UnitJob) -> dict:
         writers["val" if held_out(job.unit.index, i, job.data.val_fraction) else "train"].write(ids)
         if left is not None:
             left -= len(ids)
-    record = {"unit": job.unit.name, **{split: w.commit(job.directory) for split, w in writers.items()}}
+    record = {"unit": job.unit.name, "tokenizer_sha256": tokenizer_sha,
+              **{split: w.commit(job.directory) for split, w in writers.items()}}
     store.write_json(store.unit_record_path(job.directory, job.unit.index), record)
     return record

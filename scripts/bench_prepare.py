@@ -6,13 +6,16 @@
 Every run is a fresh `python -m llm prepare` process into an empty cache directory, as a user
 would start it, with model.vocab_size=--vocab (a BPE tokenizer is trained in every run).
 Peak memory is the largest sum of resident memory over the process and all its workers,
-sampled every 0.1 s. Tokens/s per worker is end to end: all tokens written, divided by wall
-time and by the number of workers (so it includes start-up and tokenizer training).
+sampled every 0.1 s. CPU seconds are those of the process and its workers (user + system):
+on a machine shared with other jobs they are steadier than wall time. Tokens/s per worker is
+end to end: all tokens written, divided by wall time and by the number of workers (so it
+includes start-up and tokenizer training); tokens per CPU second likewise.
 
 `--baseline-rev REV` runs the same sizes with the `llm` package of git revision REV (the
-pipeline before the change) and prints the ratio. The last line extrapolates to
-`--extrapolate-gb` GB of text from the marginal time per MB between the smallest and the
-largest run with the most workers (start-up and tokenizer training do not grow with the text).
+pipeline before the change) and prints the ratios. The last line extrapolates to
+`--extrapolate-gb` GB of text from the marginal CPU seconds per MB between the smallest and
+the largest run with the most workers (start-up and tokenizer training do not grow with the
+text), as worker-hours of a dedicated core.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +43,7 @@ class Result:
     files: int
     workers: int
     seconds: float
+    cpu_seconds: float
     peak_gb: float
     tokens: int
     text_mb: float
@@ -46,6 +51,10 @@ class Result:
     @property
     def tokens_per_s_per_worker(self) -> float:
         return self.tokens / self.seconds / self.workers
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds
 
 
 def text_megabytes(files: list[str]) -> float:
@@ -74,23 +83,29 @@ def peak_rss(proc: subprocess.Popen) -> float:
     return peak
 
 
-def run_prepare(pythonpath: Path, files: list[str], workers: int, vocab: int, cache: Path) -> tuple[float, float, int]:
-    """(seconds, peak bytes, tokens) of one `llm prepare` on `files`."""
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_prepare(pythonpath: Path, files: list[str], workers: int, vocab: int,
+                cache: Path) -> tuple[float, float, float, int]:
+    """(seconds, CPU seconds, peak bytes, tokens) of one `llm prepare` on `files`."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     corpus = "[" + ", ".join(files) + "]"
     args = [sys.executable, "-m", "llm", "prepare", str(pythonpath / "configs" / "tiny-dense.yaml"),
             f"data.corpus={corpus}", f"model.vocab_size={vocab}", f"data.num_proc={workers}",
             f"data.cache_dir={cache}"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), children_cpu_seconds()
     proc = subprocess.Popen(args, cwd=pythonpath, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = peak_rss(proc)
     out, err = proc.communicate()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, children_cpu_seconds() - cpu0
     if proc.returncode:
         raise SystemExit(f"llm prepare failed ({pythonpath}):\n{err[-2000:]}")
     directory = Path(out.strip().splitlines()[-1])
     meta = json.loads(next(p for p in (directory / "manifest.json", directory / "meta.json") if p.is_file()).read_text())
-    return seconds, peak, meta["train_tokens"] + meta["val_tokens"]
+    return seconds, cpu_seconds, peak, meta["train_tokens"] + meta["val_tokens"]
 
 
 def baseline_tree(rev: str, into: Path) -> Path:
@@ -130,40 +145,42 @@ def main() -> None:
             for name, tree in trees.items():
                 # The baseline's worker count is datasets.map's num_proc; compare it at the largest only.
                 for workers in (args.workers if name == "new" else [max(args.workers)]):
-                    seconds, peak, tokens = run_prepare(tree, files, workers, args.vocab,
-                                                        Path(tempfile.mkdtemp(dir=tmp)) / "cache")
-                    results.append(Result(name, n, workers, seconds, peak / 2**30, tokens, mb))
+                    seconds, cpu, peak, tokens = run_prepare(tree, files, workers, args.vocab,
+                                                             Path(tempfile.mkdtemp(dir=tmp)) / "cache")
+                    results.append(Result(name, n, workers, seconds, cpu, peak / 2**30, tokens, mb))
                     r = results[-1]
                     print(f"{name:6s} files {n:2d} ({mb:6.1f} MB text), workers {workers}: {seconds:6.1f} s, "
-                          f"peak {r.peak_gb:.2f} GiB, {tokens:,} tokens, "
-                          f"{r.tokens_per_s_per_worker:,.0f} tokens/s per worker", flush=True)
+                          f"{cpu:6.1f} CPU s, peak {r.peak_gb:.2f} GiB, {tokens:,} tokens, "
+                          f"{r.tokens_per_s_per_worker:,.0f} tokens/s per worker, load {os.getloadavg()[0]:.1f}",
+                          flush=True)
     report(results, args.extrapolate_gb)
 
 
 def report(results: list[Result], gigabytes: float) -> None:
-    print("\n| pipeline | files | text MB | workers | seconds | peak GiB | tokens | tokens/s per worker |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| pipeline | files | text MB | workers | wall s | CPU s | peak GiB | tokens | tokens/s per worker "
+          "| tokens per CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r.pipeline} | {r.files} | {r.text_mb:.1f} | {r.workers} | {r.seconds:.1f} | {r.peak_gb:.2f} | "
-              f"{r.tokens:,} | {r.tokens_per_s_per_worker:,.0f} |")
+        print(f"| {r.pipeline} | {r.files} | {r.text_mb:.1f} | {r.workers} | {r.seconds:.1f} | {r.cpu_seconds:.1f} | "
+              f"{r.peak_gb:.2f} | {r.tokens:,} | {r.tokens_per_s_per_worker:,.0f} | {r.tokens_per_cpu_s:,.0f} |")
     for r in results:
         if r.pipeline != "before":
             continue
         new = [x for x in results if x.pipeline == "new" and x.files == r.files and x.workers == r.workers]
         if new:
-            print(f"\n{r.files} files, {r.workers} workers: new / before time {new[0].seconds / r.seconds:.2f}, "
-                  f"peak memory {new[0].peak_gb / r.peak_gb:.2f}")
+            print(f"\n{r.files} files, {r.workers} workers: new / before wall time {new[0].seconds / r.seconds:.2f}, "
+                  f"CPU time {new[0].cpu_seconds / r.cpu_seconds:.2f}, peak memory {new[0].peak_gb / r.peak_gb:.2f}")
     new = sorted((r for r in results if r.pipeline == "new"), key=lambda r: (r.workers, r.files))
     widest = [r for r in new if r.workers == new[-1].workers]
     small, large = widest[0], widest[-1]
     if large.text_mb > small.text_mb:  # the marginal cost: start-up and tokenizer training do not grow
-        seconds_per_mb = (large.seconds - small.seconds) / (large.text_mb - small.text_mb)
+        cpu_per_mb = (large.cpu_seconds - small.cpu_seconds) / (large.text_mb - small.text_mb)
     else:
-        seconds_per_mb = large.seconds / large.text_mb
-    hours = seconds_per_mb * gigabytes * 1e3 / 3600
-    print(f"\nextrapolated to {gigabytes:.0f} GB of text from {large.files} vs {small.files} files: {hours:.1f} h with "
-          f"{large.workers} workers, {hours * large.workers:.0f} worker-hours ({hours * large.workers / 64:.1f} h with "
-          f"64 workers); peak memory does not grow with the corpus: {large.peak_gb:.2f} GiB here")
+        cpu_per_mb = large.cpu_seconds / large.text_mb
+    worker_hours = cpu_per_mb * gigabytes * 1e3 / 3600
+    print(f"\nextrapolated to {gigabytes:.0f} GB of text from {large.files} vs {small.files} files: "
+          f"{worker_hours:.0f} worker-hours ({worker_hours / 2:.0f} h with 2 workers, {worker_hours / 64:.1f} h with 64); "
+          f"peak memory does not grow with the corpus: {large.peak_gb:.2f} GiB with {large.workers} workers here")
 
 if __name__ == "__main__":
     main()

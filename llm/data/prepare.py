@@ -142,37 +142,21 @@ def prepare(cfg: Config, shard: tuple[int, int] = (0, 1)) -> Path:
     if store.is_complete(out):
         log.info("data ready at %s (prepared before)", out)
         return out
-    given = _check_given_tokenizer(cfg)
-    units = plan_units(cfg.data, sources)
-    jobs = _jobs(cfg.data, units, out)
+    jobs = _jobs(cfg.data, plan_units(cfg.data, sources), out)
     out.mkdir(parents=True, exist_ok=True)
-    if given is None:
-        _train_tokenizer(cfg, jobs, out / "tokenizer.model")
-    elif not (out / "tokenizer.model").is_file():
-        tmp = out / f"tokenizer.model.tmp-{os.getpid()}"
-        shutil.copyfile(given.path, tmp)
-        _publish_once(tmp, out / "tokenizer.model")
-    tokenizer_sha = _file_sha256(out / "tokenizer.model")
-
+    tokenizer_sha = _ensure_tokenizer(cfg, jobs, out / "tokenizer.model")
     index, count = shard
     finished = {j.unit.index for j in jobs if _unit_record(out, j.unit.index, tokenizer_sha) is not None}
-    todo = [j for j in jobs if j.unit.index % count == index and j.unit.index not in finished]
     if finished:
         log.info("%d of %d units already tokenized (resuming)", len(finished), len(jobs))
-    tokens = 0
-    bar = tqdm(total=len(todo), desc="tokenize", unit="unit", disable=not todo)
-    for record in _parallel(_tokenize_unit, todo, cfg.data.num_proc):
-        tokens += record["train"]["tokens"] + record["val"]["tokens"]
-        bar.update()
-        bar.set_postfix_str(f"{tokens:,} tokens")
-    bar.close()
+    tokens = _tokenize_units([j for j in jobs if j.unit.index % count == index and j.unit.index not in finished],
+                             cfg.data.num_proc)
     records = [_unit_record(out, j.unit.index, tokenizer_sha) for j in jobs]
     seconds = time.time() - t0
     if any(r is None for r in records):
-        missing = sum(r is None for r in records)
         log.info("part %d/%d done in %.1fs (%s tokens); %d of %d units still to do by other parts, then "
-                 "`llm prepare` without --shard completes %s", index, count, seconds, f"{tokens:,}", missing,
-                 len(jobs), out)
+                 "`llm prepare` without --shard completes %s", index, count, seconds, f"{tokens:,}",
+                 sum(r is None for r in records), len(jobs), out)
         return out
     manifest = _manifest(cfg, sources, jobs, records, out)
     store.write_json(out / store.MANIFEST, manifest)
@@ -181,6 +165,29 @@ def prepare(cfg: Config, shard: tuple[int, int] = (0, 1)) -> Path:
     log.info("data ready at %s: %s train / %s val tokens (%s) in %.1fs", out, f"{manifest['train_tokens']:,}",
              f"{manifest['val_tokens']:,}", manifest["dtype"], seconds)
     return out
+
+
+def _ensure_tokenizer(cfg: Config, jobs: list[UnitJob], path: Path) -> str:
+    """Train (or copy data.tokenizer) into `path` unless it is there; return the file's sha256."""
+    given = _check_given_tokenizer(cfg)
+    if given is None:
+        _train_tokenizer(cfg, jobs, path)
+    elif not path.is_file():
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(given.path, tmp)
+        _publish_once(tmp, path)
+    return _file_sha256(path)
+
+
+def _tokenize_units(todo: list[UnitJob], num_proc: int) -> int:
+    """Tokenize `todo` in up to num_proc processes, with a progress bar; return the tokens written."""
+    tokens = 0
+    with tqdm(total=len(todo), desc="tokenize", unit="unit", disable=not todo) as bar:
+        for record in _parallel(_tokenize_unit, todo, num_proc):
+            tokens += record["train"]["tokens"] + record["val"]["tokens"]
+            bar.update()
+            bar.set_postfix_str(f"{tokens:,} tokens")
+    return tokens
 
 
 def _jobs(data: DataConfig, units: list[Unit], out: Path) -> list[UnitJob]:

@@ -5,6 +5,7 @@ Real launchers and subprocesses, as a user runs them; the data is the tiny corpu
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -49,3 +50,13 @@ def test_training_start_checks_shards_against_manifest(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {shard}: ") and "truncated" in last and "Traceback" not in proc.stderr
+
+
+def test_a_run_that_repeats_its_data_warns(caplog):
+    from llm.train import _warn_repeats
+
+    with caplog.at_level(logging.WARNING, logger="llm"):
+        _warn_repeats(1000, 1000)
+        assert not caplog.records
+        _warn_repeats(2500, 1000)
+    assert "reads 2,500 tokens, 2.5 epochs of the 1,000 training tokens: the data repeats" in caplog.text

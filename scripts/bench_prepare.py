@@ -6,7 +6,8 @@
 Every run is a fresh `python -m llm prepare` process into an empty cache directory, as a user
 would start it, with model.vocab_size=--vocab (a BPE tokenizer is trained in every run).
 Peak memory is the largest sum of resident memory over the process and all its workers,
-sampled every 0.1 s. CPU seconds are those of the process and its workers (user + system):
+sampled every 0.1 s, twice: RSS (counts pages that forked workers share with their parent
+once per process, as `ps` does) and PSS (shares them out: the memory actually used). CPU seconds are those of the process and its workers (user + system):
 on a machine shared with other jobs they are steadier than wall time. Tokens/s per worker is
 end to end: all tokens written, divided by wall time and by the number of workers (so it
 includes start-up and tokenizer training); tokens per CPU second likewise.
@@ -44,7 +45,8 @@ class Result:
     workers: int
     seconds: float
     cpu_seconds: float
-    peak_gb: float
+    peak_rss_gb: float
+    peak_pss_gb: float
     tokens: int
     text_mb: float
 
@@ -67,20 +69,21 @@ def text_megabytes(files: list[str]) -> float:
     return total / 1e6
 
 
-def peak_rss(proc: subprocess.Popen) -> float:
-    """Wait for `proc`; return the largest summed RSS (bytes) of it and its descendants."""
+def peak_memory(proc: subprocess.Popen) -> tuple[int, int]:
+    """Wait for `proc`; return the largest summed (RSS, PSS) in bytes of it and its descendants."""
     root = psutil.Process(proc.pid)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        total = 0
+        rss = pss = 0
         try:
             for p in [root, *root.children(recursive=True)]:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
         except psutil.Error:  # a worker exited between listing and reading
             pass
-        peak = max(peak, total)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.1)
-    return peak
+    return peak_rss, peak_pss
 
 
 def children_cpu_seconds() -> float:
@@ -89,8 +92,8 @@ def children_cpu_seconds() -> float:
 
 
 def run_prepare(pythonpath: Path, files: list[str], workers: int, vocab: int,
-                cache: Path) -> tuple[float, float, float, int]:
-    """(seconds, CPU seconds, peak bytes, tokens) of one `llm prepare` on `files`."""
+                cache: Path) -> tuple[float, float, tuple[int, int], int]:
+    """(seconds, CPU seconds, peak (RSS, PSS) bytes, tokens) of one `llm prepare` on `files`."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     corpus = "[" + ", ".join(files) + "]"
     args = [sys.executable, "-m", "llm", "prepare", str(pythonpath / "configs" / "tiny-dense.yaml"),
@@ -98,7 +101,7 @@ def run_prepare(pythonpath: Path, files: list[str], workers: int, vocab: int,
             f"data.cache_dir={cache}"]
     t0, cpu0 = time.perf_counter(), children_cpu_seconds()
     proc = subprocess.Popen(args, cwd=pythonpath, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = peak_rss(proc)
+    peak = peak_memory(proc)
     out, err = proc.communicate()
     seconds, cpu_seconds = time.perf_counter() - t0, children_cpu_seconds() - cpu0
     if proc.returncode:
@@ -147,29 +150,31 @@ def main() -> None:
                 for workers in (args.workers if name == "new" else [max(args.workers)]):
                     seconds, cpu, peak, tokens = run_prepare(tree, files, workers, args.vocab,
                                                              Path(tempfile.mkdtemp(dir=tmp)) / "cache")
-                    results.append(Result(name, n, workers, seconds, cpu, peak / 2**30, tokens, mb))
+                    results.append(Result(name, n, workers, seconds, cpu, peak[0] / 2**30, peak[1] / 2**30, tokens, mb))
                     r = results[-1]
                     print(f"{name:6s} files {n:2d} ({mb:6.1f} MB text), workers {workers}: {seconds:6.1f} s, "
-                          f"{cpu:6.1f} CPU s, peak {r.peak_gb:.2f} GiB, {tokens:,} tokens, "
-                          f"{r.tokens_per_s_per_worker:,.0f} tokens/s per worker, load {os.getloadavg()[0]:.1f}",
-                          flush=True)
+                          f"{cpu:6.1f} CPU s, peak RSS {r.peak_rss_gb:.2f} GiB, PSS {r.peak_pss_gb:.2f} GiB, "
+                          f"{tokens:,} tokens, {r.tokens_per_s_per_worker:,.0f} tokens/s per worker, "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
     report(results, args.extrapolate_gb)
 
 
 def report(results: list[Result], gigabytes: float) -> None:
-    print("\n| pipeline | files | text MB | workers | wall s | CPU s | peak GiB | tokens | tokens/s per worker "
-          "| tokens per CPU s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| pipeline | files | text MB | workers | wall s | CPU s | peak RSS GiB | peak PSS GiB | tokens "
+          "| tokens/s per worker | tokens per CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r.pipeline} | {r.files} | {r.text_mb:.1f} | {r.workers} | {r.seconds:.1f} | {r.cpu_seconds:.1f} | "
-              f"{r.peak_gb:.2f} | {r.tokens:,} | {r.tokens_per_s_per_worker:,.0f} | {r.tokens_per_cpu_s:,.0f} |")
+              f"{r.peak_rss_gb:.2f} | {r.peak_pss_gb:.2f} | {r.tokens:,} | {r.tokens_per_s_per_worker:,.0f} | "
+              f"{r.tokens_per_cpu_s:,.0f} |")
     for r in results:
         if r.pipeline != "before":
             continue
         new = [x for x in results if x.pipeline == "new" and x.files == r.files and x.workers == r.workers]
         if new:
             print(f"\n{r.files} files, {r.workers} workers: new / before wall time {new[0].seconds / r.seconds:.2f}, "
-                  f"CPU time {new[0].cpu_seconds / r.cpu_seconds:.2f}, peak memory {new[0].peak_gb / r.peak_gb:.2f}")
+                  f"CPU time {new[0].cpu_seconds / r.cpu_seconds:.2f}, peak RSS {new[0].peak_rss_gb / r.peak_rss_gb:.2f}, "
+                  f"peak PSS {new[0].peak_pss_gb / r.peak_pss_gb:.2f}")
     new = sorted((r for r in results if r.pipeline == "new"), key=lambda r: (r.workers, r.files))
     widest = [r for r in new if r.workers == new[-1].workers]
     small, large = widest[0], widest[-1]
@@ -180,7 +185,8 @@ def report(results: list[Result], gigabytes: float) -> None:
     worker_hours = cpu_per_mb * gigabytes * 1e3 / 3600
     print(f"\nextrapolated to {gigabytes:.0f} GB of text from {large.files} vs {small.files} files: "
           f"{worker_hours:.0f} worker-hours ({worker_hours / 2:.0f} h with 2 workers, {worker_hours / 64:.1f} h with 64); "
-          f"peak memory does not grow with the corpus: {large.peak_gb:.2f} GiB with {large.workers} workers here")
+          f"peak memory does not grow with the corpus: PSS {large.peak_pss_gb:.2f} GiB with {large.workers} "
+          f"workers here")
 
 if __name__ == "__main__":
     main()

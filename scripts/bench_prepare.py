@@ -7,8 +7,9 @@ Every run is a fresh `python -m llm prepare` process into an empty cache directo
 would start it, with model.vocab_size=--vocab (a BPE tokenizer is trained in every run).
 Peak memory is the largest sum of resident memory over the process and all its workers,
 sampled every 0.1 s, twice: RSS (counts pages that forked workers share with their parent
-once per process, as `ps` does) and PSS (shares them out: the memory actually used). CPU seconds are those of the process and its workers (user + system):
-on a machine shared with other jobs they are steadier than wall time. Tokens/s per worker is
+once per process, as `ps` does) and PSS (shares them out: the memory actually used). CPU
+seconds are those of the process and its workers (user + system): on a machine shared with
+other jobs they are steadier than wall time. Tokens/s per worker is
 end to end: all tokens written, divided by wall time and by the number of workers (so it
 includes start-up and tokenizer training); tokens per CPU second likewise.
 
@@ -107,7 +108,8 @@ def run_prepare(pythonpath: Path, files: list[str], workers: int, vocab: int,
     if proc.returncode:
         raise SystemExit(f"llm prepare failed ({pythonpath}):\n{err[-2000:]}")
     directory = Path(out.strip().splitlines()[-1])
-    meta = json.loads(next(p for p in (directory / "manifest.json", directory / "meta.json") if p.is_file()).read_text())
+    summary = next(p for p in (directory / "manifest.json", directory / "meta.json") if p.is_file())  # new, before
+    meta = json.loads(summary.read_text())
     return seconds, cpu_seconds, peak, meta["train_tokens"] + meta["val_tokens"]
 
 
@@ -173,7 +175,8 @@ def report(results: list[Result], gigabytes: float) -> None:
         new = [x for x in results if x.pipeline == "new" and x.files == r.files and x.workers == r.workers]
         if new:
             print(f"\n{r.files} files, {r.workers} workers: new / before wall time {new[0].seconds / r.seconds:.2f}, "
-                  f"CPU time {new[0].cpu_seconds / r.cpu_seconds:.2f}, peak RSS {new[0].peak_rss_gb / r.peak_rss_gb:.2f}, "
+                  f"CPU time {new[0].cpu_seconds / r.cpu_seconds:.2f}, "
+                  f"peak RSS {new[0].peak_rss_gb / r.peak_rss_gb:.2f}, "
                   f"peak PSS {new[0].peak_pss_gb / r.peak_pss_gb:.2f}")
     new = sorted((r for r in results if r.pipeline == "new"), key=lambda r: (r.workers, r.files))
     widest = [r for r in new if r.workers == new[-1].workers]
@@ -184,7 +187,8 @@ def report(results: list[Result], gigabytes: float) -> None:
         cpu_per_mb = large.cpu_seconds / large.text_mb
     worker_hours = cpu_per_mb * gigabytes * 1e3 / 3600
     print(f"\nextrapolated to {gigabytes:.0f} GB of text from {large.files} vs {small.files} files: "
-          f"{worker_hours:.0f} worker-hours ({worker_hours / 2:.0f} h with 2 workers, {worker_hours / 64:.1f} h with 64); "
+          f"{worker_hours:.0f} worker-hours ({worker_hours / 2:.0f} h with 2 workers, "
+          f"{worker_hours / 64:.1f} h with 64); "
           f"peak memory does not grow with the corpus: PSS {large.peak_pss_gb:.2f} GiB with {large.workers} "
           f"workers here")
 

@@ -145,7 +145,8 @@ def test_txt_parquet_and_multiple_sources(tmp_path):
     tok = Tokenizer.load(path / "tokenizer.model")
     got = documents_in(path, "train", tok) + documents_in(path, "val", tok)
     assert sorted(got) == sorted(docs)  # one .txt file is one document
-    assert [s["unit"] for s in meta["shards"]["train"]] == [str(tmp_path / n) for n in ("a.txt", "b.txt.gz", "c.parquet")]
+    units = [s["unit"] for s in meta["shards"]["train"]]
+    assert units == [str(tmp_path / n) for n in ("a.txt", "b.txt.gz", "c.parquet")]
 
 
 def test_hub_source_streams_into_shards(tmp_path, corpus, monkeypatch):
@@ -328,7 +329,8 @@ def test_clear_errors(tmp_path, name, content, field, expected):
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "line 2 (byte {at}) is not UTF-8 (invalid continuation byte"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n',
+     "line 2 (byte {at}) is not UTF-8 (invalid continuation byte"),
     ("bad.jsonl.gz", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "line 2 (uncompressed byte {at}) is not UTF-8"),
     ("bad.txt", b"first line\nsecond \xff line\n", "line 2 (byte {at}) is not UTF-8 (invalid start byte"),
     ("bad.jsonl", b'{"text": "fine"}\n{"text": oops}\n', "line 2 is not JSON (Expecting value at column 10)"),

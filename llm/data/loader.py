@@ -1,7 +1,8 @@
 """Packed, shuffled, resumable batches from a split of a data directory, across data-parallel ranks.
 
-The split's shards, concatenated in unit order, are one token stream. The stream is cut into non-overlapping windows of seq_len + 1 tokens (consecutive windows
-share one boundary token, so every token is a target once). Training reads one global
+The split's shards, concatenated in unit order, are one token stream. The stream is cut
+into non-overlapping windows of seq_len + 1 tokens (consecutive windows share one boundary
+token, so every token is a target once; windows run across shard boundaries). Training reads one global
 stream of windows: epoch e is a permutation of all windows seeded by (seed, e), and the
 epochs follow each other. Global sequence k of step s is
 

@@ -79,7 +79,8 @@ def checked_shards(directory: str | Path, split: str) -> list[tuple[Path, int]]:
             raise DataError(f"{path}: missing (listed in {directory / MANIFEST}); run `llm prepare` again") from None
         if size != shard["bytes"]:
             raise DataError(f"{path}: {size:,} bytes, but the manifest records {shard['bytes']:,} "
-                            f"({shard['tokens']:,} tokens): truncated or changed; delete it and run `llm prepare` again")
+                            f"({shard['tokens']:,} tokens): truncated or changed; delete it and run "
+                            f"`llm prepare` again")
         if shard["tokens"]:
             shards.append((path, shard["tokens"]))
     return shards

@@ -1,6 +1,6 @@
 """`llm COMMAND ...`: one small function per subcommand, registered with @command.
 
-    llm prepare CONFIG [key=value ...]   tokenize the corpus (prints the data directory)
+    llm prepare CONFIG [key=value ...] [--shard I/N]   tokenize the corpus (prints the data directory)
     llm train   CONFIG [key=value ...]   train (prepares the data first when needed)
     llm eval    CHECKPOINT --tasks a,b   lm-eval tasks on a checkpoint (prints and saves the table)
     llm eval    CHECKPOINT --text FILE   held-out perplexity of a text file (same results files)
@@ -40,11 +40,20 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
     return register
 
 
-@command("prepare", "tokenize the corpus into train.bin/val.bin (+ tokenizer), print the data directory")
-def prepare_command(args: argparse.Namespace) -> None:
-    from llm.data import prepare
+def prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    config_arguments(parser)
+    parser.add_argument("--shard", metavar="I/N", default="0/1",
+                        help="tokenize only part I of N (0 <= I < N), e.g. one per machine sharing the cache "
+                             "directory; the last part to finish, or a later plain run, completes it")
 
-    print(prepare(load_config(args.config, args.overrides)))
+
+@command("prepare", "tokenize the corpus into sharded token files (+ tokenizer), print the data directory",
+         prepare_arguments)
+def prepare_command(args: argparse.Namespace) -> None:
+    from llm.data.prepare import parse_shard, prepare
+
+    shard = parse_shard(args.shard)
+    print(prepare(load_config(args.config, args.overrides), shard))
 
 
 @command("train", "train a model; prepares the data first if needed, resumes per train.resume")

@@ -137,23 +137,34 @@ class DataConfig:
     # Local files (.txt, .jsonl/.json, .parquet; globs allowed, .gz fine) or a hub dataset as "hf:NAME[:CONFIG]".
     corpus: list[str] = field(default_factory=lambda: ["data/sample/*.jsonl.gz"])
     text_field: str = "text"
-    hub_split: str = "train"
-    streaming: bool = False  # hub datasets only: read without downloading everything first
-    max_documents: int = 0  # 0 = all
+    hub_split: str = "train"  # hub datasets are streamed, never downloaded whole
+    max_documents: int = 0  # per corpus entry (split evenly over its files / stream shards); 0 = all
+    max_tokens: int = 0  # token budget over all entries, shared per data.weights; 0 = all
+    weights: list[float] = field(default_factory=list)  # mixture: one per corpus entry (needs max_tokens)
     tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the corpus
     tokenizer_sample_chars: int = 20_000_000  # text fed to sentencepiece training
     cache_dir: str = "data/cache"  # tokenizer + shards go to cache_dir/<fingerprint of corpus and tokenizer>
     seq_len: int = 128
     val_fraction: float = 0.02  # held out by whole documents
-    num_proc: int = 2
+    num_proc: int = 2  # worker processes of `llm prepare`, each tokenizing one file / stream shard at a time
 
     def validate(self) -> None:
         if not self.corpus:
             raise ConfigError("data.corpus is empty: expected at least one file, glob or hf:NAME")
         _positive("data.seq_len", self.seq_len)
         _positive("data.num_proc", self.num_proc)
+        _positive("data.tokenizer_sample_chars", self.tokenizer_sample_chars)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction}: expected 0 < fraction < 1")
+        for key in ("max_documents", "max_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)}: expected >= 0 (0 = no limit)")
+        if self.weights:
+            if len(self.weights) != len(self.corpus) or min(self.weights) <= 0:
+                raise ConfigError(f"data.weights={self.weights}: expected one positive weight per data.corpus "
+                                  f"entry ({len(self.corpus)})")
+            if not self.max_tokens:
+                raise ConfigError("data.weights needs data.max_tokens: the weights share that token budget")
 
 
 @dataclass

@@ -234,12 +234,8 @@ def data_batches(cfg: "Config", ckpt: Path, split: str, n: int) -> tuple[Path, l
         raise DataError(f"the data of {ckpt} is not prepared: expected {directory} "
                         f"(data.corpus={cfg.data.corpus}, data.cache_dir={cfg.data.cache_dir}); "
                         f"run `llm prepare {ckpt / 'config.yaml'}`")
-    loader = TokenLoader(directory / f"{split}.bin", cfg.data.seq_len, cfg.train.micro_batch_size)
-    batches = [inputs for inputs, _ in loader.val_batches(n)]
-    if not batches:
-        raise DataError(f"{directory / f'{split}.bin'} holds no batch of {cfg.train.micro_batch_size} x "
-                        f"{cfg.data.seq_len} tokens")
-    return directory, batches
+    loader = TokenLoader(directory, split, cfg.data.seq_len, cfg.train.micro_batch_size)
+    return directory, [inputs for inputs, _ in loader.val_batches(n)]
 
 
 @torch.no_grad()

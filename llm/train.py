@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -66,6 +68,16 @@ class Trainer:
         self.device = parallel.device()
         self.data_dir = _ensure_data(cfg)
         self.tokenizer_path = self.data_dir / "tokenizer.model"
+        # The loaders check every shard against the manifest: damaged data fails before the model is built.
+        from llm.data import TokenLoader
+
+        dp_rank, dp_world = parallel.dp_rank_world()
+        self.loader = TokenLoader(self.data_dir, "train", cfg.data.seq_len, t.micro_batch_size,
+                                  dp_rank, dp_world, t.seed)
+        self.val_set = TokenLoader(self.data_dir, "val", cfg.data.seq_len, t.micro_batch_size,
+                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
+        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
+        _warn_repeats(t.max_steps * self.tokens_per_step, len(self.loader.tokens))
 
         if resume_from is not None:
             checkpoint.check_resumable(cfg, resume_from, self.world)
@@ -95,14 +107,6 @@ class Trainer:
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
             self.last_checkpoint = resume_from
 
-        from llm.data import TokenLoader
-
-        dp_rank, dp_world = parallel.dp_rank_world()
-        self.loader = TokenLoader(self.data_dir / "train.bin", cfg.data.seq_len, t.micro_batch_size,
-                                  dp_rank, dp_world, t.seed)
-        self.val_set = TokenLoader(self.data_dir / "val.bin", cfg.data.seq_len, t.micro_batch_size,
-                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
-        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
         self.monitor = Monitor(
             cfg, self.run_dir, start_step=self.step, fresh=resume_from is None,
             flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
@@ -298,17 +302,30 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _ensure_data(cfg: Config) -> Path:
-    """Prepare the data on rank 0 if needed (others wait), and return its directory on every rank."""
-    from llm.data import data_dir, is_prepared, prepare
+    """The data directory; a single process prepares it if needed, a multi-rank job refuses to.
 
-    failure = None
-    if parallel.is_main():
-        try:
-            if not is_prepared(cfg):
-                prepare(cfg)
-        except Exception as err:  # handed to every rank below, so none waits forever
-            failure = err
-    failure = parallel.broadcast_from_main(failure)
-    if failure is not None:
-        raise failure
-    return data_dir(cfg)
+    Tokenizing a large corpus on rank 0 while the other ranks wait in a collective ends in
+    the collective's timeout, so under a launcher with several ranks every rank checks the
+    filesystem on its own and stops at once, naming the `llm prepare` command to run first.
+    """
+    from llm.data import DataError, data_dir, is_prepared, prepare
+
+    if is_prepared(cfg):
+        return data_dir(cfg)
+    if parallel.world_size() > 1:
+        raise DataError(f"the data is not prepared ({data_dir(cfg)} is incomplete) and {parallel.world_size()} "
+                        f"ranks do not tokenize: run `{_prepare_command()}` once before launching")
+    return prepare(cfg)
+
+
+def _prepare_command() -> str:
+    """`llm prepare` with the arguments this `llm train` was given."""
+    args = sys.argv[1:]
+    rest = args[args.index("train") + 1:] if "train" in args else ["CONFIG", "[overrides]"]
+    return shlex.join(["llm", "prepare", *rest])
+
+
+def _warn_repeats(tokens_read: int, tokens_held: int) -> None:
+    if tokens_read > tokens_held:
+        log.warning("train.max_steps reads %s tokens, %.1f epochs of the %s training tokens: the data repeats",
+                    f"{tokens_read:,}", tokens_read / tokens_held, f"{tokens_held:,}")

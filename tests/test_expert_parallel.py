@@ -207,7 +207,7 @@ def test_ep2_checkpoint_evaluates_identically_with_ep1(ds_run, ep_workdir):
     cfg = loaded.config
     total = 0.0
     for rank in range(2):
-        batches = TokenLoader(data_dir(cfg) / "val.bin", cfg.data.seq_len, cfg.train.micro_batch_size, rank, 2,
+        batches = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, cfg.train.micro_batch_size, rank, 2,
                               cfg.train.seed).val_batches(cfg.train.eval_batches)
         with torch.no_grad():
             total += sum(F.cross_entropy(loaded.model(x).logits.flatten(0, 1), y.flatten()).item()

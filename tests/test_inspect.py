@@ -97,7 +97,7 @@ def captured_inputs(ckpt: Path) -> tuple[torch.nn.Module, list[list[torch.Tensor
     loaded = load_model(ckpt)
     loaded.model.requires_grad_(False)  # the recomputations below need no graph
     cfg = loaded.config
-    loader = TokenLoader(data_dir(cfg) / "val.bin", cfg.data.seq_len, cfg.train.micro_batch_size)
+    loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, cfg.train.micro_batch_size)
     seen = [[] for _ in loaded.model.routed_ffns()]
     hooks = [ffn.register_forward_pre_hook(lambda m, args, j=j: seen[j].append(args[0].detach().clone()))
              for j, ffn in enumerate(loaded.model.routed_ffns())]

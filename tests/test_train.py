@@ -93,7 +93,7 @@ def workdir(tmp_path_factory) -> Path:
     cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     proc = ok(run("prepare", "tiny.yaml", cwd=root))
-    assert (Path(proc.stdout.strip().splitlines()[-1]) / "train.bin").is_file()
+    assert (Path(proc.stdout.strip().splitlines()[-1]) / "manifest.json").is_file()
     return root
 
 

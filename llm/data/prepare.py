@@ -1,52 +1,52 @@
-"""Corpus → tokenizer + flat token files, once per corpus and tokenizer setting.
+"""Corpus → tokenizer + sharded token files, in parallel, resumable, splittable over machines.
 
-`prepare(cfg)` reads the documents named by `cfg.data.corpus`, trains a sentencepiece BPE
-tokenizer (or takes `cfg.data.tokenizer`), holds out whole documents for validation and
-writes, into `cfg.data.cache_dir/<fingerprint>/`:
+`prepare(cfg)` writes into `cfg.data.cache_dir/<fingerprint>/` (layout in `llm/data/store.py`):
 
-    tokenizer.model   sentencepiece model, vocab = model.vocab_size
-    train.bin         every training document's ids followed by EOS, concatenated (uint16/uint32)
-    val.bin           the same for the held-out documents
-    meta.json         dtype, token and document counts, vocab size, special ids, fingerprint, sources
+1. the corpus is cut into units (one per local file or hub stream shard, `sources.py`);
+2. a sentencepiece BPE tokenizer is trained once on a bounded sample (the first
+   `tokenizer_sample_chars / units` characters of each unit's training documents), or
+   `data.tokenizer` is copied; training is deterministic, so machines that race to it write
+   the same bytes;
+3. `data.num_proc` worker processes each stream one unit at a time — read, encode, append to
+   its train/val shard — holding only one batch of documents; a unit's files are renamed
+   into place and its record written only when it is complete;
+4. once every unit is recorded, manifest.json is written: the directory is complete.
+
+A killed prepare loses only the units in flight; running it again redoes those and writes
+byte-identical files. `shard=(i, n)` does units i, i+n, i+2n, ...: machines sharing the
+directory each take a part, and the last one (or a plain prepare afterwards) writes the
+manifest without re-tokenizing anything.
 
 The fingerprint hashes everything the files depend on (corpus files and their sizes and
-mtimes, text field, tokenizer settings, validation fraction, document limit) and nothing
-they do not (seq_len, batch sizes), so experiments that share data share the directory.
-The directory is built under a temporary name and renamed into place when complete: a
-directory with that name is always a finished one.
+mtimes, text field, limits, tokenizer settings, validation fraction) and nothing they do
+not (seq_len, batch sizes, num_proc), so experiments that share data share the directory.
 """
 from __future__ import annotations
 
-import contextlib
-import glob
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
 from llm.config import Config, DataConfig
+from llm.data import store
 from llm.data.errors import DataError
+from llm.data.sources import Source, Unit, one_line, plan_units, read_texts, resolve_corpus
 from llm.data.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    import datasets
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the files written here change meaning
-FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
-COMPRESSIONS = (".gz",)
-HUB_PREFIX = "hf:"
 # Fixed ids so that every tokenizer this project trains agrees on them.
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 SPM_OPTIONS = {
@@ -61,18 +61,21 @@ SPM_OPTIONS = {
     **SPECIAL_IDS,
 }
 MAX_SENTENCE_CHARS = 16_384  # training lines are cut to this; sentencepiece drops longer ones
+ENCODE_BATCH_DOCS = 256  # documents encoded at once by a worker: its memory is about this many documents
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-@dataclass
-class Source:
-    """One entry of `data.corpus`, resolved: local files of one format, or a hub dataset."""
+@dataclass(frozen=True)
+class UnitJob:
+    """Everything a worker needs to tokenize one unit (picklable)."""
 
-    spec: str
-    files: list[Path]  # empty for hub datasets
-
-    @property
-    def is_hub(self) -> bool:
-        return self.spec.startswith(HUB_PREFIX)
+    data: DataConfig
+    unit: Unit
+    directory: Path
+    max_documents: Optional[int]  # this unit's share of its source's caps; None = no cap
+    max_tokens: Optional[int]
 
 
 # ---------------------------------------------------------------------------- locating
@@ -83,7 +86,7 @@ def data_dir(cfg: Config) -> Path:
 
 
 def is_prepared(cfg: Config) -> bool:
-    return _is_complete(data_dir(cfg))
+    return store.is_complete(data_dir(cfg))
 
 
 def fingerprint(cfg: Config, sources: list[Source] | None = None) -> str:
@@ -104,54 +107,16 @@ def fingerprint(cfg: Config, sources: list[Source] | None = None) -> str:
         else:
             corpus.append({"spec": source.spec, "files": [_file_stamp(f) for f in source.files]})
     key = {
-        "format": FORMAT_VERSION,
+        "format": store.FORMAT_VERSION,
         "corpus": corpus,
         "text_field": data.text_field,
         "max_documents": data.max_documents,
+        "max_tokens": data.max_tokens,
+        "weights": data.weights,
         "val_fraction": data.val_fraction,
         "tokenizer": tokenizer,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resolve_corpus(data: DataConfig) -> list[Source]:
-    """Expand globs; one-line errors for specs that match nothing or have no known format."""
-    if not data.corpus:
-        raise DataError("data.corpus is empty: expected at least one file, glob or hf:NAME")
-    sources = []
-    for spec in data.corpus:
-        if spec.startswith(HUB_PREFIX):
-            if not spec[len(HUB_PREFIX):].partition(":")[0]:
-                raise DataError(f"data.corpus entry {spec!r}: expected hf:NAME or hf:NAME:CONFIG")
-            sources.append(Source(spec, []))
-            continue
-        spec = os.path.expanduser(spec)
-        if Path(spec).is_dir():
-            raise DataError(f"data.corpus entry {spec!r} is a directory: use a glob such as {spec}/*.jsonl.gz")
-        if glob.has_magic(spec):
-            files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-            if not files:
-                raise DataError(f"data.corpus entry {spec!r}: no files match")
-        else:
-            if not Path(spec).is_file():
-                raise DataError(f"data.corpus entry {spec!r}: file not found")
-            files = [Path(spec)]
-        for f in files:
-            _format_of(f)
-        sources.append(Source(spec, files))
-    return sources
-
-
-def _format_of(path: Path) -> str:
-    """The datasets builder for a local file, from its extension (compression suffix ignored)."""
-    name = path.name.lower()
-    for suffix in COMPRESSIONS:
-        name = name.removesuffix(suffix)
-    ext = os.path.splitext(name)[1]
-    if ext not in FORMATS:
-        supported = ", ".join(f"{e}[.gz]" for e in FORMATS)
-        raise DataError(f"{path}: unsupported extension {ext or '(none)'!r}; expected one of {supported}")
-    return FORMATS[ext]
 
 
 def _file_stamp(path: Path) -> list:
@@ -159,134 +124,184 @@ def _file_stamp(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _is_complete(path: Path) -> bool:
-    try:
-        meta = read_meta(path)
-    except (OSError, ValueError):
-        return False
-    return meta.get("fingerprint") == path.name and all((path / f).is_file() for f in ("train.bin", "val.bin"))
-
-
-def read_meta(path: str | Path) -> dict:
-    """meta.json of a prepared data directory."""
-    return json.loads((Path(path) / "meta.json").read_text())
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) as (I, N)."""
+    index, sep, count = text.partition("/")
+    if sep and index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count):
+        return int(index), int(count)
+    raise DataError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4 .. 3/4")
 
 
 # ---------------------------------------------------------------------------- preparing
 
-def prepare(cfg: Config, force: bool = False) -> Path:
-    """Build the data directory for `cfg` unless a finished one exists; return its path."""
+def prepare(cfg: Config, shard: tuple[int, int] = (0, 1)) -> Path:
+    """Finish the data directory for `cfg` (part `shard` = (i, n) of its units); return its path."""
+    t0 = time.time()
     sources = resolve_corpus(cfg.data)
     out = Path(cfg.data.cache_dir) / fingerprint(cfg, sources)
-    if _is_complete(out) and not force:
+    if store.is_complete(out):
         log.info("data ready at %s (prepared before)", out)
         return out
-    given = _check_given_tokenizer(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    leftovers = sorted(out.parent.glob(f".{out.name}.tmp-*"))
-    if leftovers:
-        log.warning("unfinished builds of %s from earlier runs (delete them unless a prepare is running "
-                    "now): %s", out, ", ".join(p.name for p in leftovers))
-    build = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    build.mkdir()
-    try:
-        meta = _build(cfg, sources, given, build)
-        meta["fingerprint"] = out.name
-        (build / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(build, out, force)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    log.info("data ready at %s: %d train / %d val tokens (%s) in %.1fs", out, meta["train_tokens"],
-             meta["val_tokens"], meta["dtype"], meta["seconds"])
+    jobs = _jobs(cfg.data, plan_units(cfg.data, sources), out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_sha = _ensure_tokenizer(cfg, jobs, out / "tokenizer.model")
+    index, count = shard
+    finished = {j.unit.index for j in jobs if _unit_record(out, j.unit.index, tokenizer_sha) is not None}
+    if finished:
+        log.info("%d of %d units already tokenized (resuming)", len(finished), len(jobs))
+    tokens = _tokenize_units([j for j in jobs if j.unit.index % count == index and j.unit.index not in finished],
+                             cfg.data.num_proc)
+    records = [_unit_record(out, j.unit.index, tokenizer_sha) for j in jobs]
+    seconds = time.time() - t0
+    if any(r is None for r in records):
+        log.info("part %d/%d done in %.1fs (%s tokens); %d of %d units still to do by other parts, then "
+                 "`llm prepare` without --shard completes %s", index, count, seconds, f"{tokens:,}",
+                 sum(r is None for r in records), len(jobs), out)
+        return out
+    manifest = _manifest(cfg, sources, jobs, records, out)
+    store.write_json(out / store.MANIFEST, manifest)
+    for leftover in out.glob("*/*.tmp-*"):  # from killed runs; every unit is recorded now
+        leftover.unlink(missing_ok=True)
+    log.info("data ready at %s: %s train / %s val tokens (%s) in %.1fs", out, f"{manifest['train_tokens']:,}",
+             f"{manifest['val_tokens']:,}", manifest["dtype"], seconds)
     return out
 
 
-def _build(cfg: Config, sources: list[Source], given: Tokenizer | None, build: Path) -> dict:
-    """Write tokenizer.model, train.bin and val.bin into `build`; return their description."""
+def _ensure_tokenizer(cfg: Config, jobs: list[UnitJob], path: Path) -> str:
+    """Train (or copy data.tokenizer) into `path` unless it is there; return the file's sha256."""
+    given = _check_given_tokenizer(cfg)
+    if given is None:
+        _train_tokenizer(cfg, jobs, path)
+    elif not path.is_file():
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(given.path, tmp)
+        _publish_once(tmp, path)
+    return _file_sha256(path)
+
+
+def _tokenize_units(todo: list[UnitJob], num_proc: int) -> int:
+    """Tokenize `todo` in up to num_proc processes, with a progress bar; return the tokens written."""
+    tokens = 0
+    with tqdm(total=len(todo), desc="tokenize", unit="unit", disable=not todo) as bar:
+        for record in _parallel(_tokenize_unit, todo, num_proc):
+            tokens += record["train"]["tokens"] + record["val"]["tokens"]
+            bar.update()
+            bar.set_postfix_str(f"{tokens:,} tokens")
+    return tokens
+
+
+def _jobs(data: DataConfig, units: list[Unit], out: Path) -> list[UnitJob]:
+    """One job per unit, with its share of its source's document cap and token budget."""
+    n_sources = len(data.corpus)
+    weights = data.weights or [1.0] * n_sources
+    token_budget = [int(data.max_tokens * w / sum(weights)) for w in weights] if data.max_tokens else None
+    per_source = [[u for u in units if u.source == s] for s in range(n_sources)]
+    jobs = []
+    for s, members in enumerate(per_source):
+        for j, unit in enumerate(members):
+            jobs.append(UnitJob(
+                data, unit, out,
+                max_documents=_share(data.max_documents, len(members), j) if data.max_documents else None,
+                max_tokens=_share(token_budget[s], len(members), j) if token_budget else None))
+    return jobs
+
+
+def _share(total: int, parts: int, j: int) -> int:
+    """Part j of `total` split as evenly as integers allow."""
+    return total // parts + (j < total % parts)
+
+
+def _parallel(fn: Callable[[T], R], jobs: list[T], num_proc: int, ordered: bool = False) -> Iterator[R]:
+    """fn over jobs in up to num_proc processes (in this one when a single process is enough)."""
+    workers = min(num_proc, len(jobs))
+    if workers <= 1:
+        yield from map(fn, jobs)
+        return
+    # fork, as datasets.map did before: workers inherit the loaded modules instead of re-importing torch
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from (pool.imap if ordered else pool.imap_unordered)(fn, jobs)
+
+
+def _unit_record(directory: Path, unit: int, tokenizer_sha: str) -> Optional[dict]:
+    """The record of a finished unit whose files are intact and were written with this directory's
+    tokenizer; else None (the unit is to be redone)."""
+    path = store.unit_record_path(directory, unit)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("tokenizer_sha256") != tokenizer_sha:
+        return None
+    for split in store.SPLITS:
+        shard = directory / record[split]["file"]
+        if not shard.is_file() or shard.stat().st_size != record[split]["bytes"]:
+            return None
+    return record
+
+
+def _manifest(cfg: Config, sources: list[Source], jobs: list[UnitJob], records: list[dict], out: Path) -> dict:
     data = cfg.data
-    t0 = time.time()
-    docs = _read_documents(data, sources, build / "hf")
-    n_docs = len(docs)
+    totals = {f"{split}_{what}": sum(r[split][what] for r in records)
+              for split in store.SPLITS for what in ("tokens", "documents")}
+    n_docs = totals["train_documents"] + totals["val_documents"]
     if n_docs == 0:
         raise DataError(f"data.corpus {data.corpus}: no documents found (empty corpus)")
     if n_docs < 2:
         raise DataError(f"data.corpus {data.corpus}: only 1 document; need at least 2 to hold one out "
                         f"for validation (a .txt file is one document; jsonl/parquet hold one per row)")
-    is_val = val_mask(n_docs, data.val_fraction)
-    log.info("read %d documents (%d held out for validation) in %.1fs", n_docs, is_val.sum(), time.time() - t0)
-
-    model_path = build / "tokenizer.model"
-    if given is not None:
-        shutil.copyfile(given.path, model_path)
-    else:
-        _train_tokenizer(docs, np.flatnonzero(~is_val), cfg, model_path)
-    tok = Tokenizer.load(model_path)
-    dtype = token_dtype(tok.vocab_size)
-
-    ids = _tokenize(docs, model_path, tok.eos_id, dtype, data.num_proc, build / "hf")
-    counts = _write_bins(ids, is_val, dtype, build)
-    del docs, ids
-    shutil.rmtree(build / "hf", ignore_errors=True)
-    for split in ("train", "val"):
-        if counts[f"{split}_tokens"] == 0:
-            raise DataError(f"data.corpus {data.corpus}: every {split} document is empty")
+    if totals["train_tokens"] == 0:
+        raise DataError(f"data.corpus {data.corpus}: every train document is empty")
+    per_source = []
+    for s, source in enumerate(sources):
+        mine = [r for j, r in zip(jobs, records) if j.unit.source == s]
+        per_source.append({"spec": source.spec, "units": len(mine),
+                           "tokens": sum(r[split]["tokens"] for r in mine for split in store.SPLITS)})
+        budget = sum(j.max_tokens or 0 for j in jobs if j.unit.source == s)
+        if budget and per_source[-1]["tokens"] < budget:
+            log.warning("%s gave %s tokens, less than its budget of %s: the mixture is off its weights",
+                        source.spec, f"{per_source[-1]['tokens']:,}", f"{budget:,}")
+    tok = Tokenizer.load(out / "tokenizer.model")
     return {
-        "format": FORMAT_VERSION,
-        "corpus": list(data.corpus),
-        "text_field": data.text_field,
-        "sources": [str(f) for s in sources for f in (s.files or [s.spec])],
-        "dtype": np.dtype(dtype).name,
+        "format": store.FORMAT_VERSION,
+        "fingerprint": out.name,
+        "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "bos_id": tok.bos_id,
         "pad_id": tok.pad_id,
         "unk_id": tok.unk_id,
-        "tokenizer": str(data.tokenizer) if given is not None else "trained",
+        "tokenizer": str(data.tokenizer) if data.tokenizer else "trained",
+        "tokenizer_sha256": records[0]["tokenizer_sha256"],
+        "corpus": list(data.corpus),
+        "text_field": data.text_field,
         "val_fraction": data.val_fraction,
         "max_documents": data.max_documents,
-        **counts,
-        "seconds": round(time.time() - t0, 2),
+        "max_tokens": data.max_tokens,
+        "weights": data.weights,
+        "sources": per_source,
+        **totals,
+        "shards": {split: [{"unit": r["unit"], **r[split]} for r in records] for split in store.SPLITS},
     }
-
-
-def _publish(build: Path, out: Path, force: bool) -> None:
-    """Rename the finished build directory into place (atomic: readers never see half a directory)."""
-    old = None
-    if out.exists():
-        if not force and _is_complete(out):
-            return  # another process finished the same directory first
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(build, out)
-    except OSError:
-        if not _is_complete(out):  # not a concurrent twin finishing first
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def val_mask(n_docs: int, fraction: float) -> np.ndarray:
-    """Which documents are held out: a fixed hash of the document index below `fraction`.
+def held_out(unit: int, doc: int, fraction: float) -> bool:
+    """Whether document `doc` of unit `unit` is validation: a fixed hash of the pair below `fraction`.
 
-    Deterministic, independent of the text, and stable when documents are appended.
-    At least one document is held out. Returns bool [n_docs].
+    Independent of the text and of how units are spread over workers and machines. The
+    first document of the corpus is always held out, so the validation split is never empty.
     """
-    x = np.arange(n_docs, dtype=np.uint64)
-    with np.errstate(over="ignore"):  # splitmix64, wrapping uint64 arithmetic
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    u = (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    mask = u < fraction
-    if not mask.any():
-        mask[np.argmin(u)] = True
-    return mask
+    if unit == 0 and doc == 0:
+        return True
+    mask = (1 << 64) - 1
+    x = ((unit << 32) + doc + 0x9E3779B97F4A7C15) & mask  # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return (x >> 11) / float(1 << 53) < fraction
 
 
 def _check_given_tokenizer(cfg: Config) -> Tokenizer | None:
@@ -301,200 +316,155 @@ def _check_given_tokenizer(cfg: Config) -> Tokenizer | None:
     return tok
 
 
-# ---------------------------------------------------------------------------- reading
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Hide datasets' per-file progress bars while reading; ours counts files instead."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
+def _publish_once(tmp: Path, dst: Path) -> None:
+    """Move `tmp` to `dst` unless another process (or machine) published `dst` first: the first one wins."""
     try:
-        yield
+        os.link(tmp, dst)  # atomic, and fails if dst exists
+    except FileExistsError:
+        pass
     finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+        tmp.unlink()
 
 
-def _read_documents(data: DataConfig, sources: list[Source], cache: Path) -> "datasets.Dataset":
-    """All documents, in corpus order, as one dataset with a single string column `text`."""
-    import datasets  # imported here: it takes ~1 s, and only preparing needs it
-
-    parts: list[datasets.Dataset] = []
-    n = 0
-    limit = data.max_documents or None
-    tasks = [(s, f) for s in sources for f in (s.files or [None])]
-    with _quiet_datasets():
-        for source, path in tqdm(tasks, desc="read", unit="file", disable=len(tasks) < 2):
-            if limit is not None and n >= limit:
-                break
-            if path is None:
-                ds = _read_hub(data, source.spec, cache, None if limit is None else limit - n)
-            else:
-                ds = _read_file(data, path, cache)
-            if limit is not None and n + len(ds) > limit:
-                ds = ds.select(range(limit - n))
-            parts.append(ds)
-            n += len(ds)
-    if not parts:
-        return datasets.Dataset.from_dict({"text": []})
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _read_file(data: DataConfig, path: Path, cache: Path) -> "datasets.Dataset":
-    import datasets
+# ---------------------------------------------------------------------------- documents
 
-    builder = _format_of(path)
-    if path.stat().st_size == 0:
-        return datasets.Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")}))
-    kwargs = {"sample_by": "document"} if builder == "text" else {}  # one .txt file = one document
-    try:
-        ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=str(cache), **kwargs)
-    except Exception as err:  # datasets wraps parse errors in several types
-        raise DataError(f"{path}: could not read as {builder} ({_one_line(err)})") from err
-    field = "text" if builder == "text" else data.text_field
-    return _text_column(ds, field, str(path))
+def _documents(job: UnitJob) -> Iterator[tuple[int, str]]:
+    """(index in unit, text) of the unit's non-empty documents, up to its document cap."""
+    for i, text in enumerate(read_texts(job.data, job.unit)):
+        if job.max_documents is not None and i >= job.max_documents:
+            return
+        if text:
+            yield i, text
 
 
-def _read_hub(data: DataConfig, spec: str, cache: Path, limit: int | None) -> "datasets.Dataset":
-    import datasets
-
-    name, _, config = spec[len(HUB_PREFIX):].partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=data.hub_split, streaming=data.streaming)
-    except Exception as err:  # network, missing dataset/config/split: all reported the same way
-        raise DataError(f"data.corpus entry {spec!r}: could not load split {data.hub_split!r} "
-                        f"({_one_line(err)})") from err
-    if isinstance(ds, datasets.IterableDataset):
-        if limit is not None:
-            ds = ds.take(limit)
-        columns = list(ds.features) if ds.features else list(next(iter(ds), {}))
-        if columns and data.text_field not in columns:
-            raise DataError(f"{spec}: no field {data.text_field!r} (found: {', '.join(columns)}); "
-                            f"set data.text_field")
-        ds = datasets.Dataset.from_generator(
-            _stream_texts, gen_kwargs={"stream": ds, "field": data.text_field},
-            features=datasets.Features({"text": datasets.Value("string")}), cache_dir=str(cache))
-        return ds
-    return _text_column(ds, data.text_field, spec)
-
-
-def _stream_texts(stream: "datasets.IterableDataset", field: str) -> Iterator[dict]:
-    for row in stream:
-        yield {"text": row[field]}
-
-
-def _text_column(ds: "datasets.Dataset", field: str, where: str) -> "datasets.Dataset":
-    import datasets
-
-    if field not in ds.column_names:
-        raise DataError(f"{where}: no field {field!r} (found: {', '.join(ds.column_names) or 'none'}); "
-                        f"set data.text_field")
-    feature = ds.features[field]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise DataError(f"{where}: field {field!r} holds {feature}, expected strings")
-    ds = ds.select_columns([field])
-    if field != "text":
-        ds = ds.rename_column(field, "text")
-    if feature.dtype != "string":
-        ds = ds.cast_column("text", datasets.Value("string"))
-    return ds
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) < 300 else text[:297] + "..."
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # ---------------------------------------------------------------------------- tokenizer
 
-def _train_tokenizer(docs: "datasets.Dataset", train_idx: np.ndarray, cfg: Config, path: Path) -> None:
-    """BPE on up to tokenizer_sample_chars of training text, from documents in a fixed random order."""
-    budget = cfg.data.tokenizer_sample_chars
-    order = np.random.default_rng(0).permutation(train_idx)
-    used = 0
-
-    def lines() -> Iterator[str]:
-        nonlocal used
-        for batch in docs.select(order).iter(batch_size=256):
-            for text in batch["text"]:
-                for line in (text or "").split("\n"):
-                    for start in range(0, len(line), MAX_SENTENCE_CHARS):
-                        piece = line[start:start + MAX_SENTENCE_CHARS][:budget - used]
-                        if piece:
-                            used += len(piece)
-                            yield piece
-                        if used >= budget:
-                            return
-
+def _train_tokenizer(cfg: Config, jobs: list[UnitJob], path: Path) -> None:
+    """BPE on up to tokenizer_sample_chars of training text, an equal share from the head of each unit."""
+    if path.is_file():
+        return  # trained by an earlier or a parallel prepare of the same directory
     t0 = time.time()
-    with open(path, "wb") as f:
+    share = max(1, cfg.data.tokenizer_sample_chars // len(jobs))
+    sample = functools.partial(_sample_lines, chars=share)
+    lines = [line for part in _parallel(sample, jobs, cfg.data.num_proc, ordered=True) for line in part]
+    if not lines:
+        raise DataError(f"data.corpus {cfg.data.corpus}: no documents found to train the tokenizer on (an empty "
+                        f"corpus, or only 1 document, which is held out for validation; need at least 2)")
+    used = sum(map(len, lines))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=lines(), model_writer=f, vocab_size=cfg.model.vocab_size,
+                sentence_iterator=iter(lines), model_writer=f, vocab_size=cfg.model.vocab_size,
                 max_sentence_length=4 * MAX_SENTENCE_CHARS, input_sentence_size=0, minloglevel=2,
                 **SPM_OPTIONS)
         except RuntimeError as err:
-            message = _one_line(err).split("] ", 1)[-1]
+            tmp.unlink()
+            message = one_line(err).split("] ", 1)[-1]
             raise DataError(f"sentencepiece could not train model.vocab_size={cfg.model.vocab_size} on "
                             f"{used:,} characters: {message} (lower model.vocab_size or add text)") from None
+    _publish_once(tmp, path)
     log.info("trained a %d-token BPE tokenizer on %s characters in %.1fs", cfg.model.vocab_size,
              f"{used:,}", time.time() - t0)
 
 
+def _sample_lines(job: UnitJob, chars: int) -> list[str]:
+    """Lines (cut to MAX_SENTENCE_CHARS) from the unit's first training documents, `chars` in all."""
+    lines: list[str] = []
+    for i, text in _documents(job):
+        if held_out(job.unit.index, i, job.data.val_fraction):
+            continue
+        for line in text.split("\n"):
+            for start in range(0, len(line), MAX_SENTENCE_CHARS):
+                piece = line[start:start + MAX_SENTENCE_CHARS][:chars]
+                lines.append(piece)
+                chars -= len(piece)
+                if chars <= 0:
+                    return lines
+    return lines
+
+
 # ---------------------------------------------------------------------------- token files
 
-class _Encode:
-    """Map function for datasets: text → ids + [EOS]; empty documents → []. Picklable by path."""
+class _ShardWriter:
+    """Appends token ids to a temporary file; `commit` renames it into place and describes it."""
 
-    def __init__(self, model_path: Path, eos_id: int):
-        self.model_path = str(model_path)
-        self.eos_id = eos_id
-        self._tok: Tokenizer | None = None
+    def __init__(self, directory: Path, split: str, unit: int, dtype: type):
+        self.path = store.shard_path(directory, split, unit)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.file = open(self.tmp, "wb")
+        self.dtype = dtype
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+        self.documents = 0
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tok": None}
+    def write(self, ids: list[int]) -> None:
+        raw = np.asarray(ids, dtype=self.dtype).tobytes()
+        self.file.write(raw)
+        self.sha.update(raw)
+        self.tokens += len(ids)
+        self.documents += 1
 
-    def __call__(self, batch: dict) -> dict:
-        if self._tok is None:
-            self._tok = Tokenizer.load(self.model_path)
-        texts = [t or "" for t in batch["text"]]
-        ids = self._tok.encode_batch(texts)
-        return {"ids": [x + [self.eos_id] if t else [] for t, x in zip(texts, ids)]}
-
-
-def _tokenize(docs: "datasets.Dataset", model_path: Path, eos_id: int, dtype: type, num_proc: int,
-              cache: Path) -> "datasets.Dataset":
-    import datasets
-
-    list_type = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 has only Sequence
-    cache.mkdir(parents=True, exist_ok=True)
-    return docs.map(
-        _Encode(model_path, eos_id), batched=True, batch_size=256, remove_columns=["text"],
-        features=datasets.Features({"ids": list_type(datasets.Value(np.dtype(dtype).name))}),
-        num_proc=min(num_proc, len(docs)) if num_proc > 1 else None,
-        cache_file_name=str(cache / "tokens.arrow"), new_fingerprint=f"tokens-{model_path.parent.name}",
-        desc="tokenize")
+    def commit(self, directory: Path) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return {"file": str(self.path.relative_to(directory)), "tokens": self.tokens,
+                "bytes": self.tokens * np.dtype(self.dtype).itemsize, "sha256": self.sha.hexdigest(),
+                "documents": self.documents}
 
 
-def _write_bins(ids: "datasets.Dataset", is_val: np.ndarray, dtype: type, build: Path) -> dict:
-    """Stream documents' ids (EOS already appended) into train.bin / val.bin in corpus order."""
-    import pyarrow.compute as pc
+def _tokenizer(path: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer at `path` and the sha256 of its file, loaded once per process and file version."""
+    st = path.stat()
+    return _load_tokenizer(path, st.st_mtime_ns, st.st_size)
 
-    counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
-    start = 0
-    with open(build / "train.bin", "wb") as train, open(build / "val.bin", "wb") as val, \
-            tqdm(total=len(ids), desc="write", unit="doc") as bar:
-        for table in ids.with_format("arrow").iter(batch_size=4096):
-            column = table.column("ids").combine_chunks()
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-            mask = is_val[start:start + len(table)]
-            for split, out, rows in (("train", train, ~mask), ("val", val, mask)):
-                values = pc.list_flatten(column.filter(rows)).to_numpy(zero_copy_only=False)
-                out.write(values.astype(dtype, copy=False).tobytes())
-                counts[f"{split}_tokens"] += len(values)
-                counts[f"{split}_documents"] += int(((lengths > 0) & rows).sum())
-            start += len(table)
-            bar.update(len(table))
-    return counts
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(path: Path, mtime_ns: int, size: int) -> tuple[Tokenizer, str]:
+    """`mtime_ns` and `size` only key the cache: a file replaced at the same path is loaded anew."""
+    return Tokenizer.load(path), _file_sha256(path)
+
+
+def _encoded(job: UnitJob, tok: Tokenizer) -> Iterator[tuple[int, list[int]]]:
+    """(index in unit, ids + [EOS]) of the unit's documents, encoded a batch at a time."""
+    for batch in _batches(_documents(job), ENCODE_BATCH_DOCS):
+        encoded = tok.sp.encode([text for _, text in batch], num_threads=1)  # one worker, one core
+        for (i, _), ids in zip(batch, encoded):
+            ids.append(tok.eos_id)
+            yield i, ids
+
+
+def _tokenize_unit(job: UnitJob) -> dict:
+    """Tokenize one unit into its train and val shards; write its record last; return the record."""
+    tok, tokenizer_sha = _tokenizer(job.directory / "tokenizer.model")
+    writers = {split: _ShardWriter(job.directory, split, job.unit.index, token_dtype(tok.vocab_size))
+               for split in store.SPLITS}
+    left = job.max_tokens
+    for i, ids in _encoded(job, tok):
+        if left is not None and left <= 0:
+            break  # the document that crossed the budget was the last one
+        writers["val" if held_out(job.unit.index, i, job.data.val_fraction) else "train"].write(ids)
+        if left is not None:
+            left -= len(ids)
+    record = {"unit": job.unit.name, "tokenizer_sha256": tokenizer_sha,
+              **{split: w.commit(job.directory) for split, w in writers.items()}}
+    store.write_json(store.unit_record_path(job.directory, job.unit.index), record)
+    return record

@@ -38,6 +38,10 @@ class Callback:
     checks `step % n == 0` itself (e.g. n = cfg.log.routing_every or cfg.eval.every).
     `trainer.model` is the plain model (routed FFNs have their `stats` after each forward),
     `trainer.engine` the DeepSpeed engine, `trainer.cfg` the resolved Config.
+
+    Per step the trainer calls every callback's `on_step`, then agrees across ranks whether
+    to stop after this step (`trainer.stopping`: the reason, or None), then every callback's
+    `on_step_end`: work that must follow that decision (saving a checkpoint) goes there.
     """
 
     def on_train_start(self, trainer: "Trainer") -> None:
@@ -45,6 +49,9 @@ class Callback:
 
     def on_step(self, trainer: "Trainer", step: int, metrics: dict[str, Any]) -> None:
         """After optimizer step `step` (1-based); `metrics` has loss, ce, aux, lr (and speed on log steps)."""
+
+    def on_step_end(self, trainer: "Trainer", step: int) -> None:
+        """After every `on_step` of step `step` and the ranks' decision `trainer.stopping`."""
 
     def on_train_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
         pass

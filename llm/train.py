@@ -18,13 +18,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llm import checkpoint, parallel
+from llm.callbacks import Checkpointer, Validation
 from llm.config import Config, save_config
 from llm.monitor import Callback, Monitor, peak_flops
 from llm.parallel.finite import NonFiniteGradient, refuse_nonfinite_updates
@@ -54,70 +55,31 @@ def train(cfg: Config, callbacks: Optional[Sequence[Callback]] = None) -> dict[s
 
 
 class Trainer:
+    """Builds the run (distributed setup, data, run directory, engine, resumed state, monitor)
+    and runs the loop; validation and checkpointing are callbacks (`llm.callbacks`).
+
+    What callbacks may read: cfg, model, engine, device, rank, world, step, tokens, run_dir,
+    tokenizer_path, val_set, monitor, graceful_stop (during `fit`), stopping; what they set:
+    val_loss (the latest validation loss) and last_checkpoint (the latest good checkpoint).
+    """
+
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
         self.cfg = cfg
-        self.callbacks = list(callbacks)
         self.run_dir = cfg.out_dir
         self.started = time.monotonic()  # train.time_limit counts from here
-        t = cfg.train
         resume_from = self._choose_checkpoint()
-
-        parallel.init_distributed()
-        self.rank, self.world = parallel.rank(), parallel.world_size()
-        parallel.init_expert_parallel(cfg.parallel.ep_size, cfg.model.routing.n_experts)  # layout errors: now
-        self.device = parallel.device()
-        self.data_dir = _ensure_data(cfg)
-        self.tokenizer_path = self.data_dir / "tokenizer.model"
-        # The loaders check every shard against the manifest: damaged data fails before the model is built.
-        from llm.data import TokenLoader
-
-        dp_rank, dp_world = parallel.dp_rank_world()
-        self.loader = TokenLoader(self.data_dir, "train", cfg.data.seq_len, t.micro_batch_size,
-                                  dp_rank, dp_world, t.seed)
-        self.val_set = TokenLoader(self.data_dir, "val", cfg.data.seq_len, t.micro_batch_size,
-                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
-        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
-        _warn_repeats(t.max_steps * self.tokens_per_step, len(self.loader.tokens))
-
+        self._init_distributed()
+        self._load_data()
         if resume_from is not None:
             checkpoint.check_resumable(cfg, resume_from, self.world)
-        if parallel.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume_from is None:
-                moved = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d-%H%M%S"))
-                if moved is not None:
-                    log.info("starting fresh: earlier checkpoints moved to %s", moved)
-            save_config(cfg, self.run_dir / "config.yaml")
-        parallel.barrier()
-
-        torch.manual_seed(t.seed)  # the same seed on every rank: identical initial weights
-        from llm.model import build_model, flops_per_token
-
-        self.model = parallel.apply_expert_parallel(build_model(cfg.model), cfg)  # this rank's experts
-        self.engine = parallel.build_engine(self.model, cfg)
-        self.model = self.engine.module  # the plain model, as the engine holds it (device, dtype)
-        refuse_nonfinite_updates(self.engine)
-
-        self.step, self.tokens = 0, 0
-        self.last_checkpoint: Optional[Path] = None
-        if resume_from is not None:
-            restore = checkpoint.restore_weights if t.resume_weights_only else checkpoint.restore
-            state = restore(self.engine, resume_from)
-            parallel.follow_schedule(self.engine, t)
-            self.step, self.tokens = int(state["step"]), int(state["tokens"])
-            self.last_checkpoint = resume_from
-
-        self.monitor = Monitor(
-            cfg, self.run_dir, start_step=self.step, fresh=resume_from is None,
-            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
-            peak_flops=peak_flops(cfg, self.device, parallel.use_bf16(cfg)), world=self.world,
-            enabled=parallel.is_main())
-        n_params = self.model.num_params(exclude_embedding=False)
-        self.monitor.message(
-            f"{cfg.name}: {n_params / 1e6:.2f}M parameters ({self.model.num_params() / 1e6:.2f}M non-embedding), "
-            f"{self.world} rank(s) on {self.device.type}, {'bf16' if parallel.use_bf16(cfg) else 'fp32'}, "
-            f"{self.tokens_per_step:,} tokens/step, run dir {self.run_dir}"
-            + (f", resuming from {resume_from} at step {self.step}" if resume_from is not None else ""))
+        self._prepare_run_dir(fresh=resume_from is None)
+        self._build_engine()
+        self._resume(resume_from)
+        self._open_monitor(resume_from)
+        self.callbacks = [Validation(), *callbacks, Checkpointer()]
+        self.val_loss: Optional[float] = None
+        self.stopping: Optional[str] = None  # why the run stops after the current step, agreed by all ranks
+        self.graceful_stop: Optional[GracefulStop] = None
 
     def _choose_checkpoint(self) -> Optional[Path]:
         """Clean up after an interrupted save or prune and pick the checkpoint to resume.
@@ -131,51 +93,104 @@ class Trainer:
                 log.info("removed %s, left by an interrupted save or prune", name)
         return checkpoint.resume_checkpoint(self.cfg, log.warning if main else log.debug)
 
+    def _init_distributed(self) -> None:
+        parallel.init_distributed()
+        self.rank, self.world = parallel.rank(), parallel.world_size()
+        parallel.init_expert_parallel(self.cfg.parallel.ep_size, self.cfg.model.routing.n_experts)  # layout errors: now
+        self.device = parallel.device()
+
+    def _load_data(self) -> None:
+        """The loaders check every shard against the manifest: damaged data fails before the model is built."""
+        from llm.data import TokenLoader
+
+        cfg, t = self.cfg, self.cfg.train
+        self.data_dir = _ensure_data(cfg)
+        self.tokenizer_path = self.data_dir / "tokenizer.model"
+        dp_rank, dp_world = parallel.dp_rank_world()
+        self.loader = TokenLoader(self.data_dir, "train", cfg.data.seq_len, t.micro_batch_size,
+                                  dp_rank, dp_world, t.seed)
+        self.val_set = TokenLoader(self.data_dir, "val", cfg.data.seq_len, t.micro_batch_size,
+                                   dp_rank, dp_world, t.seed).val_batches(t.eval_batches)
+        self.tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * dp_world
+        _warn_repeats(t.max_steps * self.tokens_per_step, len(self.loader.tokens))
+
+    def _prepare_run_dir(self, fresh: bool) -> None:
+        """Rank 0 writes config.yaml; a fresh start moves earlier checkpoints aside, never deletes them."""
+        if parallel.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                moved = checkpoint.set_aside(self.run_dir, time.strftime("%Y%m%d-%H%M%S"))
+                if moved is not None:
+                    log.info("starting fresh: earlier checkpoints moved to %s", moved)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        parallel.barrier()
+
+    def _build_engine(self) -> None:
+        from llm.model import build_model
+
+        torch.manual_seed(self.cfg.train.seed)  # the same seed on every rank: identical initial weights
+        self.model = parallel.apply_expert_parallel(build_model(self.cfg.model), self.cfg)  # this rank's experts
+        self.engine = parallel.build_engine(self.model, self.cfg)
+        self.model = self.engine.module  # the plain model, as the engine holds it (device, dtype)
+        refuse_nonfinite_updates(self.engine)
+
+    def _resume(self, resume_from: Optional[Path]) -> None:
+        self.step, self.tokens = 0, 0
+        self.last_checkpoint: Optional[Path] = resume_from
+        if resume_from is None:
+            return
+        t = self.cfg.train
+        restore = checkpoint.restore_weights if t.resume_weights_only else checkpoint.restore
+        state = restore(self.engine, resume_from)
+        parallel.follow_schedule(self.engine, t)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    def _open_monitor(self, resume_from: Optional[Path]) -> None:
+        from llm.model import flops_per_token
+
+        cfg, bf16 = self.cfg, parallel.use_bf16(self.cfg)
+        self.monitor = Monitor(
+            cfg, self.run_dir, start_step=self.step, fresh=resume_from is None,
+            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+            peak_flops=peak_flops(cfg, self.device, bf16), world=self.world, enabled=parallel.is_main())
+        n_params = self.model.num_params(exclude_embedding=False)
+        self.monitor.message(
+            f"{cfg.name}: {n_params / 1e6:.2f}M parameters ({self.model.num_params() / 1e6:.2f}M non-embedding), "
+            f"{self.world} rank(s) on {self.device.type}, {'bf16' if bf16 else 'fp32'}, "
+            f"{self.tokens_per_step:,} tokens/step, run dir {self.run_dir}"
+            + (f", resuming from {resume_from} at step {self.step}" if resume_from is not None else ""))
+
     # ------------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         start = self.step
         losses: list[float] = []
         last: dict[str, Any] = {}
-        val_loss: Optional[float] = None
         seconds, ok = 0.0, False
-        stopped: Optional[str] = None
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self)
             if start >= t.max_steps:
                 self.monitor.message(f"already at step {start} (train.max_steps={t.max_steps}); nothing to do")
-            with GracefulStop(t.stop_signals, t.time_limit, self.started) as stop:
-                while self.step < t.max_steps and stopped is None:
+            with GracefulStop(t.stop_signals, t.time_limit, self.started) as self.graceful_stop:
+                while self.step < t.max_steps and self.stopping is None:
                     t0 = time.perf_counter()
                     last = self._train_step()
                     dt = time.perf_counter() - t0
-                    stop.timed_step(dt)
+                    self.graceful_stop.timed_step(dt)
                     seconds += dt
-                    self.monitor.count(self.tokens_per_step, dt)
-                    step, final = self.step, self.step == t.max_steps
                     losses.append(last["loss"])
-                    if step % cfg.log.every == 0 or final:
-                        last.update(self.monitor.speed())
-                        self.log(step, last)
-                    self.monitor.show(step, last)
-                    if step % t.eval_every == 0 or final:
-                        val_loss = self.evaluate()
-                        self.log(step, {"val_loss": val_loss})
-                        self.monitor.message(f"step {step}: val_loss {val_loss:.4f}")
+                    self._report(last, dt)
                     for cb in self.callbacks:
-                        cb.on_step(self, step, last)
-                    stopped = None if final else self._agree_to_stop(stop)
-                    if step % t.save_every == 0 or final or stopped:
-                        t0 = time.perf_counter()
-                        self.save()
-                        stop.timed_save(time.perf_counter() - t0)
-            if stopped:
-                self.monitor.message(f"stopped at step {self.step}/{t.max_steps} ({stopped}); saved "
+                        cb.on_step(self, self.step, last)
+                    self.stopping = None if self.step == t.max_steps else self._agree_to_stop()
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, self.step)
+            if self.stopping:
+                self.monitor.message(f"stopped at step {self.step}/{t.max_steps} ({self.stopping}); saved "
                                      f"{self.last_checkpoint}; run the same command to continue")
-            summary = self._summary(start, losses, last, val_loss, seconds)
-            summary["stopped"] = stopped
+            summary = self._summary(start, losses, last, seconds)
             for cb in self.callbacks:
                 cb.on_train_end(self, summary)
             ok = True
@@ -183,17 +198,24 @@ class Trainer:
         finally:
             self.monitor.close(ok)
 
-    def _agree_to_stop(self, stop: GracefulStop) -> Optional[str]:
+    def _report(self, metrics: dict[str, Any], seconds: float) -> None:
+        """Log the step's scalars (with the speed since the last log step) every log.every steps and at the end."""
+        self.monitor.count(self.tokens_per_step, seconds)
+        if self.step % self.cfg.log.every == 0 or self.step == self.cfg.train.max_steps:
+            metrics.update(self.monitor.speed())
+            self.log(self.step, metrics)
+        self.monitor.show(self.step, metrics)
+
+    def _agree_to_stop(self) -> Optional[str]:
         """Stop after this step if any rank got a stop signal or nears train.time_limit (collective)."""
-        reason = stop.reason()
+        reason = self.graceful_stop.reason()
         if self.world > 1:
             anyone = parallel.all_reduce_mean(torch.tensor(float(reason is not None), device=self.device))
             if anyone.item() > 0 and reason is None:
                 reason = "stop requested on another rank"
         return reason
 
-    def _summary(self, start: int, losses: list[float], last: dict[str, Any], val_loss: Optional[float],
-                 seconds: float) -> dict[str, Any]:
+    def _summary(self, start: int, losses: list[float], last: dict[str, Any], seconds: float) -> dict[str, Any]:
         """What `train()` returns; tokens/s counts training steps only (not validation or saving)."""
         tokens_per_s = (self.step - start) * self.tokens_per_step / seconds if seconds else None
         summary = {
@@ -203,10 +225,11 @@ class Trainer:
             "losses": losses,  # train loss (CE + aux) of steps start+1 .. step
             "loss": last.get("loss"),
             "ce": last.get("ce"),
-            "val_loss": val_loss,
+            "val_loss": self.val_loss,
             "tokens_per_s": tokens_per_s,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "run_dir": str(self.run_dir),
+            "stopped": self.stopping,
         }
         if tokens_per_s and self.monitor.peak:
             summary["mfu"] = self.monitor.flops_per_token * tokens_per_s / self.monitor.peak
@@ -250,46 +273,14 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         return metrics
 
+    def fail(self, problem: str) -> NoReturn:
+        """Stop training with a TrainingError naming `problem` and the last good checkpoint."""
+        raise TrainingError(f"{problem}; {self._last_good()}")
+
     def _last_good(self) -> str:
         if self.last_checkpoint is None:
             return "no checkpoint saved yet"
         return f"last good checkpoint: {self.last_checkpoint}"
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation cross-entropy over train.eval_batches fixed batches, averaged over ranks."""
-        self.engine.eval()
-        total = torch.zeros((), device=self.device)
-        for inputs, targets in self.val_set:
-            logits = self.engine(inputs.to(self.device)).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
-        self.engine.train()
-        return (parallel.all_reduce_mean(total) / max(1, len(self.val_set))).item()
-
-    def save(self) -> Path:
-        """Checkpoint the current step (collective); refuses weights that are not finite."""
-        if not self._weights_finite():
-            raise TrainingError(f"weights are not finite at step {self.step}, not saving them; {self._last_good()}")
-        state = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "world_size": self.world,
-            "dp_world": parallel.dp_rank_world()[1],
-            "ep_size": self.cfg.parallel.ep_size,
-            "micro_batch_size": self.cfg.train.micro_batch_size,
-            "grad_accum": self.cfg.train.grad_accum,
-            "seq_len": self.cfg.data.seq_len,
-            "data_dir": str(self.data_dir),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        self.last_checkpoint = checkpoint.save(self.engine, self.cfg, self.run_dir, self.step,
-                                               self.tokenizer_path, state)
-        return self.last_checkpoint
-
-    def _weights_finite(self) -> bool:
-        """Every rank's weights (its expert slice included) are finite; collective."""
-        bad = torch.stack([~torch.isfinite(p).all() for p in self.model.parameters()]).any().float()
-        return parallel.all_reduce_mean(bad.to(self.device)).item() == 0
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record scalars (metrics.jsonl, wandb); callable on every rank, only rank 0 writes."""

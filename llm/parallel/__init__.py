@@ -13,7 +13,6 @@ from llm.parallel.expert import apply_expert_parallel
 from llm.parallel.groups import (
     all_reduce_mean,
     barrier,
-    broadcast_from_main,
     dp_rank_world,
     init_expert_parallel,
     is_main,
@@ -22,7 +21,7 @@ from llm.parallel.groups import (
 )
 
 __all__ = [
-    "all_reduce_mean", "apply_expert_parallel", "barrier", "broadcast_from_main", "build_engine", "device",
+    "all_reduce_mean", "apply_expert_parallel", "barrier", "build_engine", "device",
     "dp_rank_world", "ds_config", "follow_schedule", "full_state_dict", "init_distributed",
     "init_expert_parallel", "is_main", "param_groups", "rank", "use_bf16", "world_size",
 ]

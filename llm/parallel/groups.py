@@ -30,15 +30,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_from_main(obj):
-    """Rank 0's `obj` (any picklable value) on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_mean(tensor):
     """Average a tensor over all ranks, in place; returns it."""
     if dist.is_initialized() and dist.get_world_size() > 1:

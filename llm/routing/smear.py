@@ -34,8 +34,8 @@ Options (`model.routing`):
   is taken over it (it would route a segment that does not exist).
 
 Incremental decoding (`ctx.state` is a dict): the state holds the merged expert of the
-segment being decoded, its routing weights, the fp32 running sum of its hidden states and
-whether it has seen an EOS. A call may hold any number of tokens (one, or a chunked
+segment being decoded, the fp32 running sum of its hidden states and whether it has seen
+an EOS. A call may hold any number of tokens (one, or a chunked
 prefill crossing segment boundaries); new merges happen only where a segment begins.
 
 After every forward, `layer.stats` holds detached tensors for logging and plots:
@@ -291,7 +291,6 @@ class SMEARLayer(nn.Module):
         B, n_new = sums.shape[:2]
         if n_new:
             state["sum"] = sums[:, -1].detach()
-            state["weights"] = weights[:, -1].detach()
             last = last_segment(merged, B, x_rest.shape[1], self.segment_len)
             # A slice of a longer prefill's merge is copied, so the state does not keep all of it alive.
             state["merged"] = tuple(m.detach() if n_new == 1 else m.detach().clone() for m in last)

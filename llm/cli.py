@@ -175,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except USER_ERRORS as err:
-        print(f"error: {prefix}{err}", file=sys.stderr)
+        # One write per line: ranks share stderr, and print() would write the newline separately.
+        sys.stderr.write(f"error: {prefix}{err}\n")
         return 2
     except TrainingError as err:
-        print(f"error: {prefix}{err}", file=sys.stderr)
+        sys.stderr.write(f"error: {prefix}{err}\n")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

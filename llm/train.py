@@ -3,7 +3,8 @@
     step s (0-based) reads loader.batch(s, micro, grad_accum) on each rank, for micro in
     0..grad_accum-1: forward, loss = CE + aux (routing losses, already weighted),
     engine.backward, engine.step (DeepSpeed accumulates, all-reduces, clips, and updates
-    at the last micro-step). Then log / validate / call callbacks / checkpoint.
+    at the last micro-step). Then log, call the callbacks' on_step (validation first),
+    agree across ranks whether to stop, and call their on_step_end (the checkpointer last).
 
 Exact resume: the data a step reads is a function of (seed, step), the RNG is reseeded
 from (seed, step, rank) before every step, and DeepSpeed restores module, optimizer and

@@ -12,3 +12,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A sentencepiece model of the evaluation sample (tests.helpers.SAMPLE_VOCAB tokens)."""
+    from tests.helpers import train_sample_tokenizer
+
+    return train_sample_tokenizer(tmp_path_factory.mktemp("tok"))

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from llm.checkpoint import CheckpointError, list_checkpoints, load_model, load_weights, newest_good, verify
 from llm.monitor import read_metrics
-from tests.test_train import REPO, TINY, env, make_corpus, ok, run, train_losses
+from tests.helpers import SAMPLE, cli_status, env, ok, run, start, strict_json_lines, train_losses, write_tiny_run
 
 STEPS = 8  # checkpoints at 4 and 8
 ENGINE_FILE = "engine/step_{:07d}/mp_rank_00_model_states.pt"
@@ -33,11 +32,7 @@ ENGINE_FILE = "engine/step_{:07d}/mp_rank_00_model_states.pt"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("drills")
-    make_corpus(root / "corpus.jsonl", n_docs=60)
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
-    cfg["train"].update(max_steps=STEPS, save_every=4, eval_every=4)
-    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    write_tiny_run(root, n_docs=60, max_steps=STEPS, save_every=4, eval_every=4)
     ok(run("prepare", "tiny.yaml", cwd=root))
     return root
 
@@ -59,13 +54,6 @@ def user_facing(proc: subprocess.CompletedProcess, code: int) -> str:
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr.strip().splitlines()[-1]
-
-
-def strict_json_lines(path: Path) -> list[dict]:
-    def refuse(name):
-        raise ValueError(f"{name} is not JSON")
-
-    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -131,22 +119,15 @@ def test_nothing_usable_is_an_error_not_a_fresh_start(workdir, straight, capsys,
 
 @pytest.mark.slow
 def test_inspect_and_eval_on_truncated_weights(straight, capsys, tmp_path):
-    from llm.cli import main
-
     ckpt = tmp_path / "step_0000008"
     shutil.copytree(straight / "checkpoints" / "step_0000008", ckpt)
     (tmp_path / "plot.png").write_text("")
-    assert main(["inspect", str(straight), "--plot", str(tmp_path / "plot.png")]) == 2
+    assert cli_status("inspect", str(straight), "--plot", str(tmp_path / "plot.png")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--plot" in err and "is a file" in err, err
     truncate(ckpt / "model.safetensors")
-    for argv in (["inspect", str(ckpt)],
-                 ["eval", str(ckpt), "--tasks", "lambada_openai", "--data-dir", str(REPO / "eval" / "sample")]):
-        try:
-            code = main(argv)
-        except SystemExit as stop:  # `llm eval` exits from inside its command
-            code = stop.code
-        assert code == 2
+    for argv in (["inspect", str(ckpt)], ["eval", str(ckpt), "--tasks", "lambada_openai", "--data-dir", str(SAMPLE)]):
+        assert cli_status(*argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "model.safetensors" in err and "is damaged" in err, err
 
@@ -176,9 +157,7 @@ def test_sigterm_saves_then_resume_is_exact(workdir, straight):
     The same command skips the damaged checkpoint with one warning, resumes from the SIGTERM
     checkpoint and repeats the uninterrupted run exactly."""
     run_dir = workdir / "runs" / "sig"
-    proc = subprocess.Popen([sys.executable, "-m", "llm", "train", "tiny.yaml", "train.out_dir=runs/sig",
-                             "train.save_every=100"], cwd=workdir, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start("train", "tiny.yaml", "train.out_dir=runs/sig", "train.save_every=100", cwd=workdir)
     deadline = time.monotonic() + 240
     while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

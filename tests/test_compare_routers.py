@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_train import REPO, env, make_corpus, ok
+from tests.helpers import REPO, SAMPLE, env, make_corpus, ok
 
 TINY = ["model.vocab_size=320", "model.d_model=64", "model.n_layers=2", "model.d_ff=128", "model.max_seq_len=64",
         "data.seq_len=32", "data.num_proc=1", "train.micro_batch_size=4", "train.warmup_steps=1",
@@ -24,7 +24,7 @@ def study(root: Path) -> subprocess.CompletedProcess:
     args = ["--corpus", str(root / "corpus.jsonl"), "--steps", "2", "--out", str(root / "study"),
             "--configs", *[str(REPO / "configs" / f"{c}.yaml") for c in CONFIGS],
             "--heldout", str(root / "held.txt"), "--tasks", "winogrande", "--limit", "2",
-            "--eval-data", str(REPO / "eval" / "sample"), "--set", *TINY, f"data.cache_dir={root / 'cache'}"]
+            "--eval-data", str(SAMPLE), "--set", *TINY, f"data.cache_dir={root / 'cache'}"]
     return subprocess.run([sys.executable, str(REPO / "scripts" / "compare_routers.py"), *args], cwd=root,
                           env=env(), capture_output=True, text=True, timeout=300)
 

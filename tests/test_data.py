@@ -5,12 +5,9 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +19,8 @@ from llm.config import Config, ConfigError
 from llm.data import DataError, TokenLoader, Tokenizer, data_dir, is_prepared, prepare, read_manifest
 from llm.data.prepare import held_out, parse_shard
 from llm.data.sources import resolve_corpus
+from tests.helpers import REPO, start
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 400
 
 
@@ -219,17 +216,9 @@ def many_units(tmp_path_factory) -> tuple[Path, Path]:
     return root, prepare(make_cfg(root / "reference", [root / "part-*.jsonl"]))
 
 
-def cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return subprocess.Popen([sys.executable, "-m", "llm", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def test_killed_prepare_resumes_to_identical_files(many_units, caplog):
     root, reference = many_units
-    proc = cli("prepare", "data.yaml", cwd=root)
+    proc = start("prepare", "data.yaml", cwd=root)
     target = root / "cache" / reference.name
     deadline = time.time() + 120
     while not (target / "units" / "00002.json").exists() and proc.poll() is None and time.time() < deadline:

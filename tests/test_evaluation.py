@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,58 +11,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llm.checkpoint import write_model_files
-from llm.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, ParallelConfig, RoutingConfig
+from llm.config import Config, ConfigError, EvalConfig
 from llm.data import Tokenizer
-from llm.data.prepare import SPM_OPTIONS
 from llm.evaluation import EvalCallback, EvalError, LLMEvalModel, local_tasks, resolve_tasks, run_eval, task_config
 from llm.model import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "eval" / "sample"
-VOCAB = 512
-MAX_LEN = 64
-ROUTERS = {
-    "dense": dict(router="dense"),
-    "topk": dict(router="topk", n_experts=4, top_k=2),
-    "lapsum": dict(router="lapsum", n_experts=4, k_mean=1.5),
-    "smear": dict(router="smear", n_experts=4, segment_len=16),
-}
-
-
-def sample_texts() -> list[str]:
-    rows = [json.loads(line) for line in (SAMPLE / "lambada_openai" / "lambada_test.jsonl").open()]
-    texts = [r["text"] for r in rows]
-    rows = [json.loads(line) for line in (SAMPLE / "hellaswag" / "hellaswag_val.jsonl").open()]
-    texts += [r["ctx"] + " " + " ".join(r["endings"]) for r in rows]
-    return texts
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok")
-    lines = [line for text in sample_texts() for line in text.split("\n") if line]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tok"),
-                                   vocab_size=VOCAB, minloglevel=2, **{**SPM_OPTIONS, "num_threads": 1})
-    return out / "tok.model"
+from tests.helpers import EVAL_ROUTERS, MAX_LEN, SAMPLE, SAMPLE_VOCAB, model_config, run, sample_texts, write_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path) -> Tokenizer:
     return Tokenizer.load(tokenizer_path)
-
-
-def model_config(router: str, vocab: int = VOCAB, **model) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=MAX_LEN,
-                      init_std=0.1, routing=RoutingConfig(**ROUTERS[router]), **model)
-    cfg.validate()
-    return cfg
 
 
 def make_model(router: str, seed: int = 0) -> torch.nn.Module:
@@ -142,7 +103,7 @@ def test_greedy_flag_is_true_exactly_for_the_models_own_argmax(tok):
     assert got[0][0] == pytest.approx(float(F.log_softmax(logits, -1)[best]), abs=1e-5)
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", list(EVAL_ROUTERS))
 def test_scores_do_not_depend_on_batch_size(tok, router):
     model = make_model(router)
     requests = instances("loglikelihood", pairs(10))
@@ -296,23 +257,13 @@ def test_unknown_task_name_is_one_clear_line(monkeypatch):
 
 # ---------------------------------------------------------------------------- checkpoints and `llm eval`
 
-def write_checkpoint(path: Path, tokenizer_path: Path, router: str = "dense", vocab: int = VOCAB,
-                     ep_size: int = 1) -> Path:
-    """A checkpoint as training writes it (model.pt holds every expert, whatever ep_size trained it)."""
-    cfg = Config(name="tiny-eval", model=model_config(router, vocab=vocab), data=DataConfig(seq_len=MAX_LEN),
-                 parallel=ParallelConfig(ep_size=ep_size))
-    torch.manual_seed(0)
-    write_model_files(path, build_model(cfg.model).state_dict(), cfg.validate(), tokenizer_path,
-                      {"step": 42, "ep_size": ep_size, "world_size": ep_size})
-    return path
-
-
 def test_model_argument_errors(tmp_path, tokenizer_path, tok):
-    bad_vocab = write_checkpoint(tmp_path / "bad", tokenizer_path, vocab=VOCAB + 64)
-    with pytest.raises(EvalError, match=f"has {VOCAB} tokens.*vocab_size is {VOCAB + 64}"):
+    bad_vocab = write_checkpoint(tmp_path / "bad", tokenizer_path, vocab=SAMPLE_VOCAB + 64)
+    with pytest.raises(EvalError, match=f"has {SAMPLE_VOCAB} tokens.*vocab_size is {SAMPLE_VOCAB + 64}"):
         LLMEvalModel(checkpoint=str(bad_vocab))
-    with pytest.raises(EvalError, match=f"tokenizer has {VOCAB} tokens but model.vocab_size is {VOCAB + 64}"):
-        LLMEvalModel(model=build_model(model_config("dense", vocab=VOCAB + 64)), tokenizer=tok)
+    with pytest.raises(EvalError,
+                       match=f"tokenizer has {SAMPLE_VOCAB} tokens but model.vocab_size is {SAMPLE_VOCAB + 64}"):
+        LLMEvalModel(model=build_model(model_config("dense", vocab=SAMPLE_VOCAB + 64)), tokenizer=tok)
     with pytest.raises(EvalError, match="neither a checkpoint directory"):
         LLMEvalModel(checkpoint=str(tmp_path / "nothing"))
     ckpt = write_checkpoint(tmp_path / "ok", tokenizer_path)
@@ -345,20 +296,13 @@ def test_registered_with_lm_eval_and_run_eval_writes_results(tmp_path, tokenizer
     assert saved["llm"]["step"] == 42 and saved["llm"]["checkpoint"] == str(ckpt)
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("LLM_EVAL_DATA", None)
-    return subprocess.run([sys.executable, "-m", "llm", "eval", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
 @pytest.mark.slow
 def test_llm_eval_end_to_end_offline(tmp_path, tokenizer_path):
     ckpt = write_checkpoint(tmp_path / "ckpt", tokenizer_path, router="lapsum")
     # From another directory, with a relative --data-dir: paths must not depend on the CWD.
     rel = os.path.relpath(SAMPLE, tmp_path)
-    proc = _cli(str(ckpt), "--tasks", "lambada_openai,hellaswag", "--limit", "8", "--batch-size", "4",
-                "--data-dir", rel, cwd=tmp_path)
+    proc = run("eval", str(ckpt), "--tasks", "lambada_openai,hellaswag", "--limit", "8", "--batch-size", "4",
+                "--data-dir", rel, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for line in ("|lambada_openai|", "|hellaswag     |", "perplexity", "acc_norm"):
         assert line in proc.stdout

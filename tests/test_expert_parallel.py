@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from llm.checkpoint import load_weights
 from llm.config import ConfigError, load_config
 from llm.monitor import read_metrics
 from llm.parallel import groups
-from tests.test_train import REPO, TINY, env, free_port, make_corpus, ok, run, train_losses, val_losses
+from tests.helpers import REPO, env, free_port, ok, run, train_losses, val_losses, write_tiny_run
 
 STEPS = 6
 ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk"]
@@ -160,12 +159,8 @@ def test_deepspeed_moe_needs_torch_distributed():
 @pytest.fixture(scope="module")
 def ep_workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep_train")
-    make_corpus(root / "corpus.jsonl")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["model"]["routing"] = {"router": "topk", "n_experts": 4, "top_k": 2}
-    cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
-    cfg["train"].update(max_steps=STEPS, save_every=STEPS // 2, eval_every=STEPS // 2)
-    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    write_tiny_run(root, routing={"router": "topk", "n_experts": 4, "top_k": 2}, max_steps=STEPS,
+                   save_every=STEPS // 2, eval_every=STEPS // 2)
     (root / "hostfile").write_text("localhost slots=2\n")
     ok(run("prepare", "tiny.yaml", cwd=root))
     return root

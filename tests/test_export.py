@@ -16,16 +16,14 @@ import pytest
 import torch
 
 from llm.checkpoint import load_model
-from llm.cli import main as cli_main
 from llm.config import Config, DataConfig, ModelConfig, RoutingConfig
 from llm.data import Tokenizer
 from llm.export import ExportError, export
 from llm.export.convert import MODELING_FILE
-from tests.test_evaluation import ROOT, SAMPLE, VOCAB, sample_texts, tokenizer_path  # noqa: F401 (a fixture)
+from tests.helpers import MAX_LEN, REPO, SAMPLE, SAMPLE_VOCAB, cli_status, sample_texts
 
 transformers = pytest.importorskip("transformers")
 
-MAX_LEN = 64
 # name: (routing, architecture the export must choose)
 ROUTERS = {
     "dense": (dict(router="dense"), "LlamaForCausalLM"),
@@ -42,7 +40,7 @@ EDGE_TEXTS = ["Hello world", " leading space", "two  spaces", "  ", "line\nbreak
 
 def _load_bench():
     """scripts/bench_export.py, which holds the random-checkpoint writer and our greedy decoding."""
-    spec = importlib.util.spec_from_file_location("bench_export", ROOT / "scripts" / "bench_export.py")
+    spec = importlib.util.spec_from_file_location("bench_export", REPO / "scripts" / "bench_export.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -57,19 +55,11 @@ def write_random_checkpoint(ckpt: Path, tokenizer_path: Path, routing: dict, n_l
     """A randomly initialised checkpoint with sharp routing (the default router init routes
     almost uniformly, which would hide a wrong expert choice or a wrong k_l)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, d_ff=64, max_seq_len=MAX_LEN,
+    cfg = ModelConfig(vocab_size=SAMPLE_VOCAB, d_model=32, n_layers=n_layers, n_heads=4, d_ff=64, max_seq_len=MAX_LEN,
                       init_std=0.1, routing=RoutingConfig(**routing), **model)
     cfg.validate()
     return bench.save_random_checkpoint(Config(model=cfg, data=DataConfig(seq_len=MAX_LEN)), ckpt, tokenizer_path,
                                         sharpen_routing=True)
-
-
-def run_cli(*args: str) -> int:
-    """`llm ARGS` in process: its exit status, whether returned or raised."""
-    try:
-        return cli_main(list(args))
-    except SystemExit as exit:
-        return exit.code
 
 
 def no_pickles(out: Path) -> None:
@@ -96,7 +86,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(name, tmp
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(hf).__name__ == arch
 
-    ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, SAMPLE_VOCAB, (2, 45), generator=torch.Generator().manual_seed(1))
     ids[0, 10] = ids[1, 20] = 2  # EOS inside a segment: SMEAR's reset_at_eos must act identically
     want, got = ours(ids).logits, hf(ids).logits
     assert (got - want).abs().max() < 1e-4
@@ -144,7 +134,7 @@ def test_sharded_export_loads(tmp_path, tokenizer_path):
     assert summary.shards > 2 and len(set(index["weight_map"].values())) == summary.shards
     assert not (summary.out_dir / "model.safetensors").exists()
     hf = transformers.AutoModelForCausalLM.from_pretrained(summary.out_dir, trust_remote_code=True)
-    ids = torch.arange(30)[None] % VOCAB
+    ids = torch.arange(30)[None] % SAMPLE_VOCAB
     with torch.no_grad():
         assert (hf(ids).logits - load_model(ckpt).model(ids).logits).abs().max() < 1e-4
 
@@ -165,7 +155,7 @@ def test_modeling_file_imports_only_torch_and_transformers():
 ])
 def test_refusals_are_one_line(routing, message, tmp_path, tokenizer_path, capsys):
     ckpt = write_random_checkpoint(tmp_path / "ckpt", tokenizer_path, routing, n_layers=2)
-    assert run_cli("export", str(ckpt), str(tmp_path / "hf")) == 2
+    assert cli_status("export", str(ckpt), str(tmp_path / "hf")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
@@ -178,14 +168,14 @@ def test_cli_refuses_non_empty_out_dir_unless_forced(tmp_path, tokenizer_path, c
     out = tmp_path / "hf"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    assert run_cli("export", str(tmp_path / "run"), str(out)) == 2
+    assert cli_status("export", str(tmp_path / "run"), str(out)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not empty" in err and "--force" in err and err.count("\n") == 1
-    assert run_cli("export", str(tmp_path / "run"), str(out), "--force") == 0
+    assert cli_status("export", str(tmp_path / "run"), str(out), "--force") == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     with pytest.raises(ExportError, match="is not a directory"):
         export(ckpt, out / "model.safetensors")
-    assert run_cli("export", str(tmp_path / "nowhere"), str(tmp_path / "hf2")) == 2
+    assert cli_status("export", str(tmp_path / "nowhere"), str(tmp_path / "hf2")) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from llm.checkpoint import load_model
 from llm.evaluation import LLMEvalModel, run_eval
-from tests.test_evaluation import MAX_LEN, SAMPLE, sample_texts, tokenizer_path, write_checkpoint  # noqa: F401
+from tests.helpers import MAX_LEN, SAMPLE, sample_texts, write_checkpoint
 
 
 def held_out_text() -> str:

@@ -7,12 +7,8 @@ TORCH_EXTENSIONS_DIR and is reused by every later process.
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,76 +18,16 @@ import yaml
 
 from llm.checkpoint import load_model
 from llm.monitor import read_metrics
+from tests.helpers import TINY, free_port, ok, run, train_losses, val_losses, write_tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 12  # a straight run; the resume test restarts from its checkpoint at STEPS // 2
-
-TINY = {
-    "model": {"vocab_size": 320, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "max_seq_len": 64},
-    "data": {"seq_len": 32, "num_proc": 1, "val_fraction": 0.05},
-    "train": {"max_steps": STEPS, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_every": 6,
-              "eval_batches": 2, "save_every": STEPS // 2, "keep_checkpoints": 2},
-    "log": {"wandb": "disabled", "every": 1},
-}
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    # One thread per process: tiny models gain nothing from more, and threads spin badly on a busy machine.
-    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-             TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                 str(Path.home() / ".cache" / "torch_extensions")),
-             PYTHONPATH=str(REPO))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(key, None)
-    return e
-
-
-def run(*args: str, cwd: Path, launcher: tuple[str, ...] = (sys.executable, "-m", "llm"),
-        timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
-
-
-def val_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r}
-
-
-def make_corpus(path: Path, n_docs: int = 120, seed: int = 0) -> None:
-    """Sentences from a small grammar: learnable structure, so the loss falls within a few steps."""
-    rng = random.Random(seed)
-    nouns = ["cat", "dog", "bird", "fish", "queen", "king", "rabbit", "turtle", "garden", "river"]
-    verbs = ["sees", "likes", "follows", "paints", "visits", "finds"]
-    adjectives = ["small", "red", "quiet", "old", "bright", "curious"]
-    with path.open("w") as f:
-        for i in range(n_docs):
-            sentences = [f"the {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} "
-                         f"the {rng.choice(nouns)}." for _ in range(rng.randint(20, 40))]
-            f.write(json.dumps({"text": f"Story {i}. " + " ".join(sentences)}) + "\n")
+STEPS = TINY["train"]["max_steps"]  # a straight run; the resume test restarts from its checkpoint at STEPS // 2
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A directory with corpus.jsonl, tiny.yaml and the prepared data cache (via `llm prepare`)."""
     root = tmp_path_factory.mktemp("train")
-    make_corpus(root / "corpus.jsonl")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
-    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    write_tiny_run(root)
     proc = ok(run("prepare", "tiny.yaml", cwd=root))
     assert (Path(proc.stdout.strip().splitlines()[-1]) / "manifest.json").is_file()
     return root

@@ -1,33 +1,20 @@
 """`llm train` meets its data: a multi-rank launch on unprepared data, damaged shards at start.
 
-Real launchers and subprocesses, as a user runs them; the data is the tiny corpus of test_train.
+Real launchers and subprocesses, as a user runs them; the data is the tiny corpus of tests/helpers.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
-from pathlib import Path
-
-import yaml
 
 from llm.config import load_config
 from llm.data import data_dir, is_prepared, prepare, read_manifest
-from tests.test_train import TINY, make_corpus, run
-
-
-def write_config(root: Path) -> Path:
-    make_corpus(root / "corpus.jsonl", n_docs=40)
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
-    cfg["train"].update(max_steps=2)
-    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    return root / "tiny.yaml"
+from tests.helpers import run, write_tiny_run
 
 
 def test_multi_rank_launch_on_unprepared_data_stops_at_once(tmp_path):
-    config = write_config(tmp_path)
+    config = write_tiny_run(tmp_path, n_docs=40, max_steps=2)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llm")
     t0 = time.time()
     proc = run("train", "tiny.yaml", "train.seed=7", cwd=tmp_path, launcher=torchrun, timeout=240)
@@ -42,7 +29,7 @@ def test_multi_rank_launch_on_unprepared_data_stops_at_once(tmp_path):
 
 
 def test_training_start_checks_shards_against_manifest(tmp_path):
-    config = write_config(tmp_path)
+    config = write_tiny_run(tmp_path, n_docs=40, max_steps=2)
     path = prepare(load_config(config))
     shard = path / read_manifest(path)["shards"]["val"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:-4])

@@ -41,7 +41,7 @@ def default_callbacks(cfg: Config) -> list[Callback]:
 
     callbacks: list[Callback] = [RoutingStatsCallback(cfg.log.routing_every)]
     if cfg.eval.every:
-        from llm.evaluation import EvalCallback  # imports lm-eval (seconds): only for runs that evaluate
+        from llm.evaluation import EvalCallback  # imports lm-eval: only runs that evaluate pay for it
 
         callbacks.append(EvalCallback(cfg.eval))
     return callbacks

@@ -7,7 +7,7 @@ One module per job:
 - `perplexity`: `llm eval --text`, text files scored like lm-eval's wikitext task;
 - `callback`: `EvalCallback`, tasks every `eval.every` steps during training.
 
-Importing this package imports lm-eval (seconds) and registers `llm` with it, so code that
+Importing this package imports lm-eval and registers `llm` with it, so code that
 may run without evaluation (`llm train`) imports it only once evaluation is asked for.
 """
 from llm.evaluation.adapter import LLMEvalModel

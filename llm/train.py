@@ -39,11 +39,12 @@ class TrainingError(RuntimeError):
 
 def default_callbacks(cfg: Config) -> list[Callback]:
     """The callbacks `llm train` runs: routing statistics and downstream evaluation."""
-    from llm.evaluation import EvalCallback
     from llm.inspection import RoutingStatsCallback
 
     callbacks: list[Callback] = [RoutingStatsCallback(cfg.log.routing_every)]
     if cfg.eval.every:
+        from llm.evaluation import EvalCallback  # imports lm-eval: only runs that evaluate pay for it
+
         callbacks.append(EvalCallback(cfg.eval))
     return callbacks
 

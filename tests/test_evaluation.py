@@ -263,7 +263,7 @@ def _fake_data_dir(name: str) -> Path:
 
 
 def _yaml_files(name: str) -> list[str]:
-    from llm.evaluation import _load_task_yaml
+    from llm.evaluation.tasks import _load_task_yaml
 
     return list(_load_task_yaml(local_tasks()[name])["dataset_kwargs"]["data_files"].values())
 
@@ -387,6 +387,26 @@ def test_llm_eval_errors_are_one_line_with_status_2(tmp_path, tokenizer_path, mo
 
 
 # ---------------------------------------------------------------------------- during training
+
+LM_EVAL_IMPORTED = """
+import sys
+import llm.cli, llm.train
+from llm.config import Config, EvalConfig
+from llm.train import default_callbacks
+default_callbacks(Config())
+print("lm_eval" in sys.modules)
+default_callbacks(Config(eval=EvalConfig(every=5, data_dir=sys.argv[1])))
+print("lm_eval" in sys.modules)
+"""
+
+
+def test_training_without_evaluation_does_not_import_lm_eval():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", LM_EVAL_IMPORTED, str(SAMPLE)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"], out.stdout  # off: never loaded; on: the same probe sees it
+
 
 def test_eval_callback_runs_every_n_steps_and_leaves_the_model_as_it_was(tok):
     model = make_model("smear").train()

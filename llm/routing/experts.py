@@ -9,6 +9,14 @@ from torch import nn
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _grouped_mm_ok(dtype: torch.dtype) -> bool:
+    """grouped_mm runs eagerly in these dtypes, but torch.compile's shape function for it
+    (torch 2.13) admits bf16 only: compiled fp32/fp16 models take the per-expert loop."""
+    if torch.compiler.is_compiling():
+        return dtype == torch.bfloat16
+    return dtype in _GROUPED_DTYPES
+
+
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """y = W2 (silu(W1 x) ⊙ W3 x) with weights stored input-major: w1, w3 [d, f], w2 [f, d]."""
     return (F.silu(x @ w1) * (x @ w3)) @ w2
@@ -43,7 +51,7 @@ class Experts(nn.Module):
 
         x: [M, d] rows sorted by local expert; counts: [E_local] rows per expert (sums to M).
         """
-        if x.dtype in _GROUPED_DTYPES:
+        if _grouped_mm_ok(x.dtype):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
             return F.grouped_mm(h, self.w2, offs=offs)

@@ -22,6 +22,13 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     return (F.silu(x @ w1) * (x @ w3)) @ w2
 
 
+def merge(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """weights [G, E] @ flat [E, P] in at least fp32: merge weights rounded to bf16 would no
+    longer sum to 1 (|Σe − 1| ~ 2e-3); the caller casts the merged experts back."""
+    acc = torch.promote_types(flat.dtype, torch.float32)
+    return weights.to(acc) @ flat.to(acc)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts: w1, w3 [E, d, f] and w2 [E, f, d].
 
@@ -63,7 +70,6 @@ class Experts(nn.Module):
 
         Returns w1, w3 [G, d, f] and w2 [G, f, d]: one matmul per weight matrix.
         """
-        flat = weights.to(self.w1.dtype)
         return tuple(
-            (flat @ w.flatten(1)).view(weights.shape[0], *w.shape[1:]) for w in (self.w1, self.w3, self.w2)
-        )
+            merge(weights, w.flatten(1)).to(w.dtype).view(weights.shape[0], *w.shape[1:])
+            for w in (self.w1, self.w3, self.w2))

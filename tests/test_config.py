@@ -97,3 +97,15 @@ def test_resolved_config_round_trip(tmp_path):
 
 def test_defaults_are_valid():
     assert Config().validate() == Config()
+
+
+def test_throughput_keys():
+    cfg = load_config(None, ["train.compile=true", "train.activation_checkpointing=selective",
+                             "train.loss_chunk=1024", "train.lr_schedule=wsd", "train.decay_fraction=0.1"])
+    assert cfg.train.compile and cfg.train.activation_checkpointing == "selective" and cfg.train.loss_chunk == 1024
+    assert error(["train.activation_checkpointing=some"]) == \
+        "train.activation_checkpointing='some': expected one of none, full, selective"
+    assert error(["train.compile=yes please"]) == "train.compile='yes please': expected true or false"
+    assert error(["train.lr_schedule=linear"]) == "train.lr_schedule='linear': expected one of cosine, wsd"
+    assert error(["train.decay_fraction=0"]) == "train.decay_fraction=0.0: expected 0 < fraction <= 1"
+    assert error(["train.loss_chunk=-1"]).startswith("train.loss_chunk=-1: expected >= 0")

@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,14 +43,18 @@ VARIANTS = {  # name -> train.* overrides
 Step = Callable[[torch.Tensor, torch.Tensor], float]
 
 
-def config(args, router: str, variant: str) -> Config:
-    overrides = [f"model.routing.router={router}", f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
-                 f"model.n_heads={args.heads}", f"model.d_ff={4 * args.d_model}", f"model.vocab_size={args.vocab}",
-                 f"model.max_seq_len={args.seq_len}", f"data.seq_len={args.seq_len}",
-                 f"train.micro_batch_size={args.batch}", f"train.dtype={args.dtype}",
-                 f"train.loss_chunk={args.loss_chunk}", "model.routing.n_experts=8", "model.routing.segment_len=64"]
-    overrides += [f"train.{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()]
-    return load_config(None, overrides)
+def config(args, model: str, variant: str) -> Config:
+    """`model` is a router name (a model of --d-model/--layers/...) or a config file (its model as is)."""
+    common = [f"model.max_seq_len={args.seq_len}", f"data.seq_len={args.seq_len}",
+              f"train.micro_batch_size={args.batch}", f"train.grad_accum=1", f"train.dtype={args.dtype}",
+              f"train.loss_chunk={args.loss_chunk}", "parallel.ep_size=1"]
+    common += [f"train.{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()]
+    if model.endswith(".yaml"):
+        return load_config(model, common)
+    return load_config(None, common + [
+        f"model.routing.router={model}", f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
+        f"model.n_heads={args.heads}", f"model.d_ff={4 * args.d_model}", f"model.vocab_size={args.vocab}",
+        "model.routing.n_experts=8", "model.routing.segment_len=64"])
 
 
 def bare_step(cfg: Config, device: torch.device) -> Step:
@@ -112,7 +117,8 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> float:
 
 def bench(args, router: str, device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen).to(device)
+    vocab = config(args, router, "bare").model.vocab_size
+    batches = [torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=gen).to(device)
                for _ in range(args.warmup + args.steps + 1)]
     rows = []
     for variant in args.variants:
@@ -130,11 +136,14 @@ def bench(args, router: str, device: torch.device) -> list[dict]:
         peak = peak_bytes(lambda: step(last[:, :-1], last[:, 1:]), device)
         seconds = statistics.median(times)
         tokens_per_s = args.batch * args.seq_len / seconds
-        row = {"router": router, "variant": variant, "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s,
+        row = {"router": Path(router).stem if router.endswith(".yaml") else router, "variant": variant, "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s,
                "peak_mib": peak / MiB, "first_loss": losses[0], "last_loss": losses[-1]}
         if args.peak_tflops:
             row["mfu"] = flops_per_token(cfg.model, args.seq_len) * tokens_per_s / (args.peak_tflops * 1e12)
         rows.append(row)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base = next((r for r in rows if r["variant"] == "trainer"), rows[0])
     for r in rows:
         r["vs_trainer"] = r["step_ms"] / base["step_ms"]
@@ -142,17 +151,18 @@ def bench(args, router: str, device: torch.device) -> list[dict]:
 
 
 def show(rows: list[dict]) -> None:
-    print(f"{'router':8} {'variant':15} {'step ms':>9} {'tokens/s':>10} {'x trainer':>9} {'peak MiB':>9} "
+    print(f"{'router':16} {'variant':15} {'step ms':>9} {'tokens/s':>10} {'x trainer':>9} {'peak MiB':>9} "
           f"{'MFU':>6} {'loss 1st':>9} {'loss last':>9}")
     for r in rows:
         mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "     -"
-        print(f"{r['router']:8} {r['variant']:15} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
+        print(f"{r['router']:16} {r['variant']:15} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} "
               f"{r['vs_trainer']:9.3f} {r['peak_mib']:9.1f} {mfu:>6} {r['first_loss']:9.4f} {r['last_loss']:9.4f}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--routers", nargs="+", default=["dense", "topk", "lapsum", "smear"])
+    ap.add_argument("--routers", nargs="+", default=["dense", "topk", "lapsum", "smear"],
+                    help="router names (a model of the sizes below) or config files (e.g. configs/gpt-125m-dense.yaml)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)

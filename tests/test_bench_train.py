@@ -29,3 +29,16 @@ def test_bench_train_tiny(tmp_path):
         assert trainer["last_loss"] == pytest.approx(bare["last_loss"], abs=1e-5)
         assert ckpt["last_loss"] == trainer["last_loss"]
         assert trainer["vs_trainer"] == 1.0 and all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+
+
+def test_gpu_check_script_parses_and_lists_its_parts(tmp_path):
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, env={**env(), "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    parts = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert parts[-4:] == ["== cuda_tests", "== train_125m", "== routing", "== smear_bf16"]
+    for config in ("dense", "topk2", "lapsum", "smear"):
+        assert (REPO / "configs" / f"gpt-125m-{config}.yaml").is_file() and f"gpt-125m-{config}.yaml" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # a dry run runs nothing

@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
+from llm import parallel
 from llm.config import Config, load_config
 from llm.model import build_model, flops_per_token
-from llm import parallel
 from llm.parallel.engine import SCHEDULES, param_groups
 
 MiB = 2 ** 20

@@ -12,7 +12,7 @@
 #   pip wheel --no-deps -w wheels/gpu deepspeed==0.19.8
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d wheels/gpu hjson ninja py-cpuinfo msgpack pydantic pydantic-core annotated-types \
-#       typing-inspection einops
+#       typing-inspection einops psutil
 # Results go to $OUT (or gpu_check/ without it): one log per part.
 set -euo pipefail
 

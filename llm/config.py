@@ -195,6 +195,11 @@ class TrainConfig:
     # Wall-clock seconds from the start of the process after which the run saves and stops,
     # leaving room for one more step and the save (0 = no limit). Set it below the scheduler's.
     time_limit: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, then linear decay to lr * min_lr_ratio)
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays
+    compile: bool = False  # torch.compile each transformer block (regional: compile time does not grow with depth)
+    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
+    loss_chunk: int = 0  # tokens per cross-entropy chunk: fp32 logits never exist for the whole micro-batch; 0 = one chunk
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -213,6 +218,12 @@ class TrainConfig:
             _choice("train.stop_signals", name, SIGNALS)
         if self.time_limit < 0:
             raise ConfigError(f"train.time_limit={self.time_limit}: expected seconds >= 0 (0 = no limit)")
+        _choice("train.lr_schedule", self.lr_schedule, ("cosine", "wsd"))
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction}: expected 0 < fraction <= 1")
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        if self.loss_chunk < 0:
+            raise ConfigError(f"train.loss_chunk={self.loss_chunk}: expected >= 0 (0 = the whole micro-batch at once)")
 
 
 @dataclass

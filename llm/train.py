@@ -22,7 +22,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llm import checkpoint, parallel
 from llm.config import Config, save_config
@@ -222,8 +221,8 @@ class Trainer:
         for micro in range(t.grad_accum):
             inputs, targets = self.loader.batch(self.step, micro, t.grad_accum)  # [B, T] each
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            out = engine(inputs)
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+            out = engine(inputs, targets=targets, loss_chunk=t.loss_chunk)
+            ce = out.ce
             engine.backward(ce + out.aux_loss)  # DeepSpeed divides by grad_accum
             ce_sum += ce.detach()
             aux_sum += out.aux_loss.detach().float()
@@ -262,8 +261,8 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros((), device=self.device)
         for inputs, targets in self.val_set:
-            logits = self.engine(inputs.to(self.device)).logits
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+            total += self.engine(inputs.to(self.device), targets=targets.to(self.device),
+                                 loss_chunk=self.cfg.train.loss_chunk).ce
         self.engine.train()
         return (parallel.all_reduce_mean(total) / max(1, len(self.val_set))).item()
 

@@ -61,3 +61,17 @@ def test_warmup_cosine_schedule():
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
     t.warmup_steps = 0
     assert warmup_cosine(t)(0) == 1.0
+
+
+def test_warmup_stable_decay_schedule():
+    from llm.parallel.engine import warmup_stable_decay
+
+    t = Config().train
+    t.max_steps, t.warmup_steps, t.min_lr_ratio, t.decay_fraction = 100, 10, 0.1, 0.2
+    f = warmup_stable_decay(t)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert all(f(s) == 1.0 for s in range(10, 81))  # stable until the last 20 steps
+    assert f(90) == pytest.approx(1 - 0.9 * 10 / 20)  # linear between (80, 1) and (100, 0.1)
+    assert f(100) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    t.decay_fraction = 1.0  # no stable phase: decays right after warmup
+    assert warmup_stable_decay(t)(55) == pytest.approx(1 - 0.9 * 45 / 90)

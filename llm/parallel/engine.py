@@ -134,6 +134,29 @@ def warmup_cosine(t: TrainConfig) -> Callable[[int], float]:
     return multiplier
 
 
+def warmup_stable_decay(t: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier of step s for `train.lr_schedule: wsd`: the same linear warmup, then
+    constant at 1 until the last `decay_fraction` of max_steps, then linear to min_lr_ratio.
+
+    The stable phase is what lets a run be continued or branched off without restarting a
+    schedule; only the short decay at the end depends on max_steps (a closure for the same
+    reason as `warmup_cosine`).
+    """
+    warmup, total, floor = t.warmup_steps, t.max_steps, t.min_lr_ratio
+    decay_start = max(warmup, total - round(t.decay_fraction * total))
+
+    def multiplier(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = min(1.0, max(0, s - decay_start) / max(1, total - decay_start))
+        return 1 - (1 - floor) * progress
+
+    return multiplier
+
+
+SCHEDULES = {"cosine": warmup_cosine, "wsd": warmup_stable_decay}
+
+
 def follow_schedule(engine, t: TrainConfig) -> None:
     """After a resume, set the LR of the restored step from the *current* config.
 
@@ -148,20 +171,24 @@ def follow_schedule(engine, t: TrainConfig) -> None:
 
 
 def build_engine(model: nn.Module, cfg: Config):
-    """Wrap the model in a DeepSpeed engine with our AdamW and LR schedule.
+    """Compile/checkpoint its blocks as train.* asks, and wrap the model in a DeepSpeed
+    engine with our AdamW and LR schedule.
 
     Gradient accumulation, clipping, bf16 master weights, ZeRO partitioning and the
     data-parallel gradient all-reduce all happen inside the engine.
     """
     import deepspeed
 
+    from llm.parallel.blocks import apply_block_options
+
     t = cfg.train
+    apply_block_options(model, t)
     groups = param_groups(model, t.weight_decay)
     for g in groups:
         log.debug("param group %s: %d tensors, %d values, weight_decay=%g", g["name"], len(g["params"]),
                   sum(p.numel() for p in g["params"]), g["weight_decay"])
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[t.lr_schedule](t))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(cfg))
     from llm.parallel.expert import fix_fp32_clipping

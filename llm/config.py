@@ -43,7 +43,7 @@ class RoutingConfig:
     alpha: float = 1.0
     tau: float = 0.01  # truncation threshold on p (the initial one under tau_control: ema)
     tau_control: str = "ema"  # ema: τ tracks mean kept experts ≈ k_l from past batches | fixed
-    tau_ema: float = 0.1  # weight of the newest batch's threshold in τ's moving average
+    tau_ema: float = 1.0  # weight of the newest batch's threshold in τ's moving average (1: that batch only)
     keep_top1: bool = True  # every token keeps its top expert, whatever τ
     expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
     # SMEAR, segment-shifted (SPEC §4)

@@ -11,7 +11,8 @@ in this file only.
   per token to the experts with p > τ, at most ceil(c·k_l) of them (SPEC §3.2), weights
   not renormalised. The dense gradient of soft_topk still reaches dropped experts.
 
-Router logits are computed in fp32 whatever the model dtype. The gate parameter is
+Router logits are computed in fp32 or wider whatever the model dtype and autocast. The
+LapSum τ controller is described in docs/lapsum-budget.md. The gate parameter is
 called `gate`: DeepSpeed treats any parameter whose name contains "expert" as an
 expert parameter, and the router is not one.
 """

@@ -159,7 +159,7 @@ def follow_schedule(engine, t: TrainConfig) -> None:
     differ now. With an unchanged config this reproduces the uninterrupted run's LR exactly.
     """
     scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [group_lr(g["name"], t) for g in scheduler.optimizer.param_groups]
+    scheduler.base_lrs = [group_lr(g.get("name", ""), t) for g in scheduler.optimizer.param_groups]
     scheduler.last_epoch -= 1
     scheduler.step()
 

@@ -62,7 +62,7 @@ def bare_step(cfg: Config, device: torch.device) -> Step:
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[t.lr_schedule](t))
     bf16 = parallel.use_bf16(cfg)
 

@@ -27,7 +27,7 @@ def test_weight_decay_only_on_matrices():
     cfg = load_config(None, ["model.vocab_size=50", "model.tie_embeddings=false"]).model
     model = build_model(cfg)
     model.blocks[0].attn_norm.weight.no_weight_decay = True  # already a vector; the flag is honoured too
-    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    groups = {g["name"]: g for g in param_groups(model, Config().train)}
     assert set(groups) == {"decay", "no_decay"}
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -43,11 +43,16 @@ def test_routed_model_groups_cover_every_parameter_once():
     cfg = load_config(None, ["model.routing.router=lapsum", "model.n_layers=2", "model.routing.n_experts=4",
                              "model.routing.k_mean=1.5"]).model
     model = build_model(cfg)
-    groups = param_groups(model, 0.1)
+    t = Config().train
+    t.lr, t.budget_lr = 1e-3, 0.05
+    groups = param_groups(model, t)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
-    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
-    assert id(model.budget.eta) in no_decay  # the budget logits are not shrunk towards uniform
+    budget = {g["name"]: g for g in groups}["budget"]
+    # The budget logits have their own LR and are not shrunk towards uniform.
+    assert [id(p) for p in budget["params"]] == [id(model.budget.eta)]
+    assert budget["lr"] == 0.05 and budget["weight_decay"] == 0.0
+    assert all("lr" not in g for g in groups if g["name"] != "budget")  # the optimizer default: train.lr
 
 
 def test_warmup_cosine_schedule():

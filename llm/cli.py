@@ -92,8 +92,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
 @command("eval", "score a checkpoint on lm-eval tasks and/or text files; print the table, save results JSON + "
                  "markdown", eval_arguments)
 def eval_command(args: argparse.Namespace) -> None:
-    from llm.evaluation import EvalError, main as evaluate
-    from llm.perplexity import TextError
+    from llm.evaluation import EvalError, TextError, main as evaluate
 
     try:
         evaluate(args)

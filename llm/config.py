@@ -41,8 +41,10 @@ class RoutingConfig:
     k_mean: float = 1.5  # k̄: global budget K = k_mean * routed layers
     budget: str = "learned"  # learned | fixed
     alpha: float = 1.0
-    tau: float = 0.01  # truncation threshold on p
-    calibrate_tau: bool = False  # set tau on the first batch so mean kept experts ≈ k_l
+    tau: float = 0.01  # truncation threshold on p (the initial one under tau_control: ema)
+    tau_control: str = "ema"  # ema: τ tracks mean kept experts ≈ k_l from past batches | fixed
+    tau_ema: float = 1.0  # weight of the newest batch's threshold in τ's moving average (1: that batch only)
+    keep_top1: bool = True  # every token keeps its top expert, whatever τ
     expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
     # SMEAR, segment-shifted (SPEC §4)
     segment_len: int = 256
@@ -75,6 +77,9 @@ class RoutingConfig:
                 raise ConfigError(f"model.routing.tau={self.tau}: expected 0 <= tau < 1")
             if self.expansion_cap < 1:
                 raise ConfigError(f"model.routing.expansion_cap={self.expansion_cap}: expected >= 1")
+            _choice("model.routing.tau_control", self.tau_control, ("ema", "fixed"))
+            if not 0 < self.tau_ema <= 1:
+                raise ConfigError(f"model.routing.tau_ema={self.tau_ema}: expected 0 < tau_ema <= 1")
         if self.router == "smear":
             _positive("model.routing.segment_len", self.segment_len)
             _choice("model.routing.first_segment", self.first_segment, ("prior", "self_stopgrad"))
@@ -177,6 +182,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
     weight_decay: float = 0.1
+    budget_lr: float = 3e-2  # peak LR of the LapSum budget η (same schedule, no weight decay)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -195,6 +201,11 @@ class TrainConfig:
     # Wall-clock seconds from the start of the process after which the run saves and stops,
     # leaving room for one more step and the save (0 = no limit). Set it below the scheduler's.
     time_limit: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, then linear decay to lr * min_lr_ratio)
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays
+    compile: bool = False  # torch.compile each transformer block (regional: compile time does not grow with depth)
+    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
+    loss_chunk: int = 0  # tokens per cross-entropy chunk: fp32 logits never exist for the whole micro-batch; 0 = one chunk
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -202,6 +213,8 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: expected > 0")
+        if self.budget_lr < 0:
+            raise ConfigError(f"train.budget_lr={self.budget_lr}: expected >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: expected >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -213,6 +226,12 @@ class TrainConfig:
             _choice("train.stop_signals", name, SIGNALS)
         if self.time_limit < 0:
             raise ConfigError(f"train.time_limit={self.time_limit}: expected seconds >= 0 (0 = no limit)")
+        _choice("train.lr_schedule", self.lr_schedule, ("cosine", "wsd"))
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction}: expected 0 < fraction <= 1")
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        if self.loss_chunk < 0:
+            raise ConfigError(f"train.loss_chunk={self.loss_chunk}: expected >= 0 (0 = the whole micro-batch at once)")
 
 
 @dataclass

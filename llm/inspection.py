@@ -49,7 +49,8 @@ log = logging.getLogger("llm")
 
 SPARSE_ROUTERS = ("switch", "topk", "lapsum", "deepspeed_topk")
 ROUTED = SPARSE_ROUTERS + ("smear",)
-LAYER_FIELDS = ("layer", "k", "k_share", "active_mean", "active_p50", "active_p90", "active_hist", "tokens",
+LAYER_FIELDS = ("layer", "k", "k_share", "active_mean", "active_gap", "no_expert", "active_p50", "active_p90",
+                "active_hist", "tokens",
                 "load", "load_min", "load_max", "load_cv", "dropped", "entropy", "tau",
                 "merge_weights", "max_weight", "top1_fraction", "prior", "segments")
 
@@ -142,6 +143,8 @@ class LayerTally:
         if self.has_active and self.tokens > 0:
             a = np.arange(len(self.hist))
             r["active_mean"] = float((a * self.hist).sum() / self.tokens)
+            r["active_gap"] = r["active_mean"] - self.k if self.k is not None else None  # LapSum: ≈ 0 is on budget
+            r["no_expert"] = float(self.hist[0] / self.tokens)  # tokens the layer computed nothing for
             r["active_p50"], r["active_p90"] = _hist_quantile(self.hist, 1, 2), _hist_quantile(self.hist, 9, 10)
             r["active_hist"] = [int(c) for c in self.hist]
             r["tokens"] = int(self.tokens)
@@ -322,10 +325,11 @@ def format_report(report: dict[str, Any]) -> str:
             budget = f"K = {report['K']:g} (k̄ = {report['k_mean']:g}" + (
                 f", {report['budget']} budget)" if report["budget"] else ")")
             lines.append(budget)
-        cols = ["layer", "k", "share", "active", "p50", "p90", "load_min", "load_max", "load_cv", "dropped",
-                "entropy"]
-        table = [[r["layer"], _f(r["k"], 3), _f(r["k_share"], 3), _f(r["active_mean"], 3), _f(r["active_p50"], 0),
-                  _f(r["active_p90"], 0), _f(r["load_min"], 3), _f(r["load_max"], 3), _f(r["load_cv"], 3),
+        cols = ["layer", "k", "share", "active", "active-k", "no_expert", "p50", "p90", "load_min", "load_max",
+                "load_cv", "dropped", "entropy"]
+        table = [[r["layer"], _f(r["k"], 3), _f(r["k_share"], 3), _f(r["active_mean"], 3), _f(r["active_gap"], 3),
+                  _f(r["no_expert"], 3), _f(r["active_p50"], 0), _f(r["active_p90"], 0), _f(r["load_min"], 3),
+                  _f(r["load_max"], 3), _f(r["load_cv"], 3),
                   _f(r["dropped"], 4), _f(r["entropy"], 3)] for r in rows]
     lines.append(_table(cols, table))
     return "\n".join(lines)
@@ -428,6 +432,10 @@ def plot_budget(report: dict[str, Any]) -> "Figure":
     if has_active:
         bars = ax.bar(x + width / 2, active, width, label="active experts / token (mean)", color="tab:orange")
         ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center")
+        # Above each pair: how far the layer is off its budget, and the tokens it skips.
+        ax.bar_label(bars, fontsize=7, padding=2, labels=[
+            (f"{r['active_gap']:+.2f}\n" if r["active_gap"] is not None else "") + f"{r['no_expert']:.0%} none"
+            for r in rows])
     if report["k_mean"] is not None:
         ax.axhline(report["k_mean"], color="black", ls="--", lw=1, label=f"uniform $\\bar k$ = {report['k_mean']:g}")
     ax.set_xticks(x, [str(r["layer"]) for r in rows])
@@ -435,7 +443,7 @@ def plot_budget(report: dict[str, Any]) -> "Figure":
     ax.set_ylabel("experts per token")
     K = f", K = {report['K']:g}" if report["K"] is not None else ""
     ax.set_title(f"Expert budget per layer{K}\n{_title(report)}", fontsize=10)
-    ax.set_ylim(0, max(v for v in k + active + [report["k_mean"] or 0] if v is not None) * 1.15)
+    ax.set_ylim(0, max(v for v in k + active + [report["k_mean"] or 0] if v is not None) * 1.3)
     fig.legend(fontsize=8, loc="outside upper center", ncols=3, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -642,7 +650,8 @@ class RoutingStatsCallback(Callback):
     a wandb table and bar chart, and one console line.
     """
 
-    SCALARS = ("k", "k_share", "active_mean", "active_p50", "active_p90", "load_min", "load_max", "load_cv",
+    SCALARS = ("k", "k_share", "active_mean", "active_gap", "no_expert", "active_p50", "active_p90", "load_min",
+               "load_max", "load_cv",
                "dropped", "entropy", "max_weight")
 
     def __init__(self, every: int):
@@ -714,7 +723,8 @@ class RoutingStatsCallback(Callback):
             return
         smear = router == "smear"
         cols = ["layer", "entropy", "max_weight"] if smear else \
-            ["layer", "k", "k_share", "active_mean", "active_p90", "load_cv", "dropped", "entropy"]
+            ["layer", "k", "k_share", "active_mean", "active_gap", "no_expert", "active_p90", "load_cv", "dropped",
+             "entropy"]
         table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
         per_expert = wandb.Table(columns=["layer", "expert", "merge_weight" if smear else "load"], data=[
             [r["layer"], e, v] for r in rows for e, v in enumerate((r["merge_weights"] if smear else r["load"]) or [])])

@@ -23,7 +23,6 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llm import checkpoint, parallel
 from llm.callbacks import Checkpointer, Validation
@@ -41,11 +40,12 @@ class TrainingError(RuntimeError):
 
 def default_callbacks(cfg: Config) -> list[Callback]:
     """The callbacks `llm train` runs: routing statistics and downstream evaluation."""
-    from llm.evaluation import EvalCallback
     from llm.inspection import RoutingStatsCallback
 
     callbacks: list[Callback] = [RoutingStatsCallback(cfg.log.routing_every)]
     if cfg.eval.every:
+        from llm.evaluation import EvalCallback  # imports lm-eval: only runs that evaluate pay for it
+
         callbacks.append(EvalCallback(cfg.eval))
     return callbacks
 
@@ -245,8 +245,8 @@ class Trainer:
         for micro in range(t.grad_accum):
             inputs, targets = self.loader.batch(self.step, micro, t.grad_accum)  # [B, T] each
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            out = engine(inputs)
-            ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+            out = engine(inputs, targets=targets, loss_chunk=t.loss_chunk)
+            ce = out.ce
             engine.backward(ce + out.aux_loss)  # DeepSpeed divides by grad_accum
             ce_sum += ce.detach()
             aux_sum += out.aux_loss.detach().float()

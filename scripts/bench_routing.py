@@ -140,8 +140,8 @@ def bench_layers(
       switch      top-1 over E experts of width k·d_expert (same active parameters)
       topk        top-k over E experts of width d_expert, dropless
       topk_cf1.25 the same with capacity_factor 1.25 (our position-order capacity)
-      lapsum      LapSum with k_l = k (fixed), cap c = 2, τ calibrated on the batch so the
-                  mean number of active experts ≈ k (reported as `active`)
+      lapsum      LapSum with k_l = k (fixed), cap c = 2, τ tracked over the timed calls
+                  (tau_control ema) so the mean number of active experts ≈ k (reported as `active`)
       deepspeed   deepspeed.moe.layer.MoE (through llm.routing.deepspeed_moe), k, capacity 1.25,
                   use_rts False
     `active` is experts computed per token (dense: its one FFN). Times are medians of
@@ -171,7 +171,7 @@ def bench_layers(
             "topk": MoELayer(cfg("topk", d_expert=d_expert, top_k=k)),
             "topk_cf1.25": MoELayer(cfg("topk", d_expert=d_expert, top_k=k, capacity_factor=1.25)),
             "lapsum": MoELayer(cfg("lapsum", d_expert=d_expert, k_mean=float(k), budget="fixed",
-                                   expansion_cap=2.0, calibrate_tau=True)),
+                                   expansion_cap=2.0)),
         }
         if deepspeed_baseline:
             layers["deepspeed"] = DeepSpeedMoE(cfg("deepspeed_topk", d_expert=d_expert, top_k=k,

@@ -350,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from llm.checkpoint import CheckpointError
     from llm.data import DataError
     from llm.evaluation import EvalError, resolve_tasks
-    from llm.perplexity import TextError, read_text
+    from llm.evaluation.perplexity import TextError, read_text
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("llm").setLevel(logging.INFO)

@@ -116,3 +116,15 @@ def test_smear_segment_must_be_shorter_than_the_sequence():
 def test_stop_settings():
     assert error(["train.stop_signals=[SIGKILL]"]).startswith("train.stop_signals='SIGKILL': expected one of SIGTERM")
     assert error(["train.time_limit=-1"]).startswith("train.time_limit=-1.0: expected seconds >= 0")
+
+
+def test_throughput_keys():
+    cfg = load_config(None, ["train.compile=true", "train.activation_checkpointing=selective",
+                             "train.loss_chunk=1024", "train.lr_schedule=wsd", "train.decay_fraction=0.1"])
+    assert cfg.train.compile and cfg.train.activation_checkpointing == "selective" and cfg.train.loss_chunk == 1024
+    assert error(["train.activation_checkpointing=some"]) == \
+        "train.activation_checkpointing='some': expected one of none, full, selective"
+    assert error(["train.compile=yes please"]) == "train.compile='yes please': expected true or false"
+    assert error(["train.lr_schedule=linear"]) == "train.lr_schedule='linear': expected one of cosine, wsd"
+    assert error(["train.decay_fraction=0"]) == "train.decay_fraction=0.0: expected 0 < fraction <= 1"
+    assert error(["train.loss_chunk=-1"]).startswith("train.loss_chunk=-1: expected >= 0")

@@ -27,7 +27,7 @@ def test_weight_decay_only_on_matrices():
     cfg = load_config(None, ["model.vocab_size=50", "model.tie_embeddings=false"]).model
     model = build_model(cfg)
     model.blocks[0].attn_norm.weight.no_weight_decay = True  # already a vector; the flag is honoured too
-    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    groups = {g["name"]: g for g in param_groups(model, Config().train)}
     assert set(groups) == {"decay", "no_decay"}
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -43,11 +43,16 @@ def test_routed_model_groups_cover_every_parameter_once():
     cfg = load_config(None, ["model.routing.router=lapsum", "model.n_layers=2", "model.routing.n_experts=4",
                              "model.routing.k_mean=1.5"]).model
     model = build_model(cfg)
-    groups = param_groups(model, 0.1)
+    t = Config().train
+    t.lr, t.budget_lr = 1e-3, 0.05
+    groups = param_groups(model, t)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
-    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
-    assert id(model.budget.eta) in no_decay  # the budget logits are not shrunk towards uniform
+    budget = {g["name"]: g for g in groups}["budget"]
+    # The budget logits have their own LR and are not shrunk towards uniform.
+    assert [id(p) for p in budget["params"]] == [id(model.budget.eta)]
+    assert budget["lr"] == 0.05 and budget["weight_decay"] == 0.0
+    assert all("lr" not in g for g in groups if g["name"] != "budget")  # the optimizer default: train.lr
 
 
 def test_warmup_cosine_schedule():
@@ -61,3 +66,17 @@ def test_warmup_cosine_schedule():
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
     t.warmup_steps = 0
     assert warmup_cosine(t)(0) == 1.0
+
+
+def test_warmup_stable_decay_schedule():
+    from llm.parallel.engine import warmup_stable_decay
+
+    t = Config().train
+    t.max_steps, t.warmup_steps, t.min_lr_ratio, t.decay_fraction = 100, 10, 0.1, 0.2
+    f = warmup_stable_decay(t)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert all(f(s) == 1.0 for s in range(10, 81))  # stable until the last 20 steps
+    assert f(90) == pytest.approx(1 - 0.9 * 10 / 20)  # linear between (80, 1) and (100, 0.1)
+    assert f(100) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    t.decay_fraction = 1.0  # no stable phase: decays right after warmup
+    assert warmup_stable_decay(t)(55) == pytest.approx(1 - 0.9 * 45 / 90)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,8 @@ from llm.config import Config, ConfigError, EvalConfig
 from llm.data import Tokenizer
 from llm.evaluation import EvalCallback, EvalError, LLMEvalModel, local_tasks, resolve_tasks, run_eval, task_config
 from llm.model import build_model
-from tests.helpers import EVAL_ROUTERS, MAX_LEN, SAMPLE, SAMPLE_VOCAB, model_config, run, sample_texts, write_checkpoint
+from tests.helpers import (EVAL_ROUTERS, MAX_LEN, SAMPLE, SAMPLE_VOCAB, model_config, ok, run, sample_texts,
+                           write_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +226,7 @@ def _fake_data_dir(name: str) -> Path:
 
 
 def _yaml_files(name: str) -> list[str]:
-    from llm.evaluation import _load_task_yaml
+    from llm.evaluation.tasks import _load_task_yaml
 
     return list(_load_task_yaml(local_tasks()[name])["dataset_kwargs"]["data_files"].values())
 
@@ -331,6 +333,23 @@ def test_llm_eval_errors_are_one_line_with_status_2(tmp_path, tokenizer_path, mo
 
 
 # ---------------------------------------------------------------------------- during training
+
+LM_EVAL_IMPORTED = """
+import sys
+import llm.cli, llm.train
+from llm.config import Config, EvalConfig
+from llm.train import default_callbacks
+default_callbacks(Config())
+print("lm_eval" in sys.modules)
+default_callbacks(Config(eval=EvalConfig(every=5, data_dir=sys.argv[1])))
+print("lm_eval" in sys.modules)
+"""
+
+
+def test_training_without_evaluation_does_not_import_lm_eval(tmp_path):
+    out = ok(run(str(SAMPLE), cwd=tmp_path, launcher=(sys.executable, "-c", LM_EVAL_IMPORTED), timeout=120))
+    assert out.stdout.split() == ["False", "True"], out.stdout  # off: never loaded; on: the same probe sees it
+
 
 def test_eval_callback_runs_every_n_steps_and_leaves_the_model_as_it_was(tok):
     model = make_model("smear").train()

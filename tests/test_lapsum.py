@@ -156,6 +156,18 @@ def test_extremes_are_finite(path, n, alpha):
         torch.testing.assert_close(p.sum(-1), torch.full((8,), k), atol=1e-5 * n, rtol=1e-6)
 
 
+@pytest.mark.parametrize("n", [8, 64])
+def test_fp32_exact_when_score_gaps_dwarf_alpha(path, n):
+    """Scores ~N(0, 1e4) and α = 1e-4: |r/α| ~ 1e8, whose float32 ulp is ~8. Only the
+    score at the threshold has a fractional p (k = 1.3 → p = 0.3 there), and it must be
+    as accurate as float32 allows, not off by the ulp of r/α."""
+    gen = torch.Generator().manual_seed(n)
+    scores = 1e4 * torch.randn(64, n, generator=gen)  # [64, E]
+    for k in (1.3, n - 2.6):
+        p = soft_topk(scores, k, 1e-4)
+        torch.testing.assert_close(p.double(), bisection(scores, k, 1e-4), atol=2e-6, rtol=0)
+
+
 def test_hard_rows_keep_the_budget_gradient(path):
     """Every f = ½e^{−|u|} of a row underflows in float32 here (|u| ≳ 500), yet
     ∂L/∂k = ⟨softmax(−|u|), g⟩ is well defined: it must match float64."""

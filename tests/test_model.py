@@ -98,3 +98,21 @@ def test_flops_per_token():
     assert routed("switch") == routed("topk", top_k=1)
     assert routed("topk", top_k=2) > routed("switch")
     assert routed("lapsum", k_mean=1.5) == pytest.approx((routed("topk", top_k=1) + routed("topk", top_k=2)) / 2)
+
+
+def test_norm_and_rope_keep_float64():
+    """A float64 model must compute in float64: whole-model oracles compare at ~1e-12."""
+    from llm.model.transformer import RMSNorm, apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4, 8, dtype=torch.float64)  # [B, T, H, hd]
+    norm = RMSNorm(8, 1e-6).double()
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    y = norm(x)
+    assert y.dtype == torch.float64 and (y - expected).abs().max() < 1e-14
+    cos, sin = (t.double() for t in rope_tables(8, 5, 10000.0))  # [T, hd/2]
+    x1, x2 = x[..., :4], x[..., 4:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = apply_rope(x, cos, sin)
+    assert rotated.dtype == torch.float64
+    assert (rotated - torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)).abs().max() < 1e-14

@@ -35,7 +35,7 @@ def _ids(batch=3, seq=T, seed=0):
 
 
 ROUTERS = [("switch", {}), ("topk", {"top_k": 2}), ("lapsum", {"k_mean": 1.5}),
-           ("lapsum", {"k_mean": 1.5, "calibrate_tau": True, "budget": "fixed"})]
+           ("lapsum", {"k_mean": 1.5, "tau_control": "fixed", "keep_top1": False, "budget": "fixed"})]
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])

@@ -1,4 +1,4 @@
-"""llm.perplexity and `llm eval --text`: the log-likelihood against a naive per-token loop,
+"""llm.evaluation.perplexity and `llm eval --text`: the log-likelihood against a naive per-token loop,
 the metrics against lm-eval's own wikitext-style task on the same document, the results
 files, and one-line errors for files that cannot be scored."""
 from __future__ import annotations

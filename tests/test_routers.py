@@ -11,7 +11,7 @@ import llm.routing.routers as routers
 from llm.config import ModelConfig, RoutingConfig
 from llm.model import build_model
 from llm.routing.lapsum import soft_topk
-from llm.routing.routers import LapSumRouter, TopKRouter, load_balancing_loss, z_loss
+from llm.routing.routers import LapSumRouter, TopKRouter, load_balancing_loss, router_logits, z_loss
 
 D, E = 16, 8
 
@@ -21,10 +21,10 @@ def _topk(k, aux=0.01, z=0.001):
     return TopKRouter(D, E, k, init_std=0.5, aux_loss_coef=aux, z_loss_coef=z)
 
 
-def _lapsum(k_max=3.0, tau=0.05, cap=2.0, calibrate=False, alpha=1.0):
+def _lapsum(k_max=3.0, tau=0.05, cap=2.0, control="fixed", alpha=1.0, ema=0.1, keep_top1=False):
     torch.manual_seed(0)
-    return LapSumRouter(D, E, k_max=k_max, alpha=alpha, tau=tau, expansion_cap=cap, calibrate_tau=calibrate,
-                        init_std=0.5, aux_loss_coef=0.01, z_loss_coef=0.001)
+    return LapSumRouter(D, E, k_max=k_max, alpha=alpha, tau=tau, expansion_cap=cap, tau_control=control,
+                        tau_ema=ema, keep_top1=keep_top1, init_std=0.5, aux_loss_coef=0.01, z_loss_coef=0.001)
 
 
 def test_switch_is_argmax_with_unnormalised_probability():
@@ -146,26 +146,70 @@ def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
     assert k.grad is not None and k.grad != 0
 
 
-def test_lapsum_tau_calibration_then_frozen_and_checkpointed():
-    router = _lapsum(k_max=3.0, tau=0.01, cap=2.0, calibrate=True)
+def _kept_per_token(router, x, k, tau):
+    """Oracle: experts per token with p > tau (slot 0 always if keep_top1), at most ceil(c·k)."""
+    p = soft_topk(router_logits(router.gate, x), k, router.alpha)  # [N, E]
+    top = p.sort(-1, descending=True).values[:, :math.ceil(router.expansion_cap * float(k) - 1e-6)]
+    kept = top > tau
+    if router.keep_top1:
+        kept[:, 0] = True
+    return kept.sum(-1).double()
+
+
+@pytest.mark.parametrize("keep_top1", [False, True])
+def test_lapsum_tau_controller_uses_past_batches_only(keep_top1):
     k = torch.tensor(1.5, dtype=torch.float64)
+    xs = [torch.randn(512, D) * s for s in (1.0, 3.0, 0.5)]
+    # ema = 1: τ after a batch keeps exactly round(N·k) experts on that batch (counted by the oracle).
+    router = _lapsum(k_max=3.0, tau=0.01, cap=2.0, control="ema", ema=1.0, keep_top1=keep_top1)
     router.eval()
-    router(torch.randn(64, D), k)
-    assert not bool(router.tau_calibrated) and float(router.tau) == pytest.approx(0.01)
+    router(xs[0], k)
+    assert int(router.tau_updates) == 0 and float(router.tau) == pytest.approx(0.01)  # eval never moves τ
     router.train()
-    out = router(torch.randn(512, D), k)
-    assert bool(router.tau_calibrated)
-    assert float(out.valid.sum(-1).float().mean()) == pytest.approx(1.5, abs=0.01)
-    tau = float(router.tau)
-    router(torch.randn(512, D) * 3, k)  # frozen: a different batch does not move it
-    assert float(router.tau) == tau
-    state = router.state_dict()
-    assert {"tau", "tau_calibrated"} <= set(state)
-    fresh = _lapsum(k_max=3.0, tau=0.01, cap=2.0, calibrate=True)
-    fresh.load_state_dict(state)
+    measured = []
+    for x in xs:
+        tau_before = float(router.tau)
+        out = router(x, k)
+        # This batch was routed with the τ of earlier batches.
+        assert torch.equal(out.valid.sum(-1).double(), _kept_per_token(router, x, k, tau_before))
+        measured.append(float(router.tau))
+        assert float(_kept_per_token(router, x, k, measured[-1]).sum()) == round(512 * 1.5)
+    assert int(router.tau_updates) == 3
+    if keep_top1:
+        assert bool((out.valid.sum(-1) >= 1).all())
+    # ema = 0.25: the first measurement replaces the initial τ, later ones are averaged in.
+    smooth = _lapsum(k_max=3.0, tau=0.01, cap=2.0, control="ema", ema=0.25, keep_top1=keep_top1)
+    smooth.train()
+    expected = measured[0]
+    for x, q in zip(xs, measured):
+        smooth(x, k)
+        expected = q if x is xs[0] else 0.75 * expected + 0.25 * q
+        assert float(smooth.tau) == pytest.approx(expected, rel=1e-6)
+    # τ and its update count are checkpointed: a restored router continues identically.
+    fresh = _lapsum(k_max=3.0, tau=0.01, cap=2.0, control="ema", ema=0.25, keep_top1=keep_top1)
+    fresh.load_state_dict(smooth.state_dict())
     fresh.train()
-    fresh(torch.randn(512, D), k)
-    assert float(fresh.tau) == tau
+    smooth(xs[0], k)
+    fresh(xs[0], k)
+    assert float(fresh.tau) == float(smooth.tau)
+
+
+def test_lapsum_fixed_tau_never_moves():
+    router = _lapsum(k_max=3.0, tau=0.02, cap=2.0, control="fixed")
+    router.train()
+    router(torch.randn(256, D), torch.tensor(1.5, dtype=torch.float64))
+    assert float(router.tau) == pytest.approx(0.02) and int(router.tau_updates) == 0
+
+
+def test_router_logits_stay_fp32_under_bf16_autocast_and_float64_stays_float64():
+    gate = torch.nn.Linear(D, E, bias=False)
+    x = torch.randn(4, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router_logits(gate, x)
+    assert r.dtype == torch.float32 and torch.allclose(r, x @ gate.weight.T, rtol=1e-6, atol=1e-6)
+    r64 = router_logits(gate.double(), x.double())
+    assert r64.dtype == torch.float64
+    assert torch.allclose(r64, x.double() @ gate.weight.double().T, rtol=1e-14, atol=0)
 
 
 def test_router_parameter_names_avoid_the_word_expert():

@@ -278,3 +278,19 @@ def test_merged_expert_matches_dense_scale_at_init(n_experts):
         ratios.append((y_smear.std() / y_dense.std()).item())
     mean = sum(ratios) / len(ratios)
     assert 0.75 < mean < 1.33, ratios
+
+
+def test_bf16_merge_of_identical_experts_is_exact():
+    """Merge weights stay fp32 under bf16: E equal experts merge back to that expert exactly
+    (merge weights rounded to bf16 sum to 1 ± 2e-3, which would show here)."""
+    from llm.routing.experts import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(8, 16, 32, 0.02, 0.02).to(torch.bfloat16)
+    with torch.no_grad():
+        for w in (experts.w1, experts.w3, experts.w2):
+            w.copy_(w[:1].expand_as(w))
+    weights = torch.softmax(torch.randn(64, 8), dim=-1)  # [G, E] fp32
+    for merged, w in zip(experts.merged(weights), (experts.w1, experts.w3, experts.w2)):
+        assert merged.dtype == torch.bfloat16
+        assert torch.equal(merged, w[:1].expand_as(merged))

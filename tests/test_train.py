@@ -73,6 +73,21 @@ def test_train_end_to_end(straight):
 
 
 @pytest.mark.slow
+def test_throughput_switches_train_like_the_plain_run(workdir, straight):
+    """Checkpointed blocks and a chunked loss give the plain run's losses; the bf16 path runs
+    on CPU (as it will on a GPU) and stays within bf16 rounding of fp32."""
+    one = train_losses(straight)
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/lean", "train.activation_checkpointing=full",
+           "train.loss_chunk=48", cwd=workdir))
+    lean = train_losses(workdir / "runs" / "lean")
+    assert sorted(lean) == sorted(one) and all(lean[s] == pytest.approx(one[s], abs=1e-5) for s in one)
+    ok(run("train", "tiny.yaml", "train.out_dir=runs/bf16", "train.dtype=bf16", "train.max_steps=6",
+           "train.save_every=6", "train.eval_every=6", cwd=workdir))
+    bf16 = train_losses(workdir / "runs" / "bf16")
+    assert bf16[1] == pytest.approx(one[1], abs=0.02) and bf16[6] < bf16[1] - 0.3, (bf16, one)
+
+
+@pytest.mark.slow
 def test_resume_is_exact(workdir, straight):
     half = straight / "checkpoints" / "step_0000006"
     ok(run("train", "tiny.yaml", "train.out_dir=runs/resumed", f"train.resume={half}", cwd=workdir))

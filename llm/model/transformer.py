@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.model.loss import chunked_cross_entropy
 
 try:  # optional: flash-attn 2, GPU only
     from flash_attn import flash_attn_func
@@ -24,8 +25,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: Optional[torch.Tensor]  # [B, T, vocab]; None when forward got targets
     aux_loss: torch.Tensor  # scalar: routing losses, already weighted by their coefficients
+    ce: Optional[torch.Tensor] = None  # scalar fp32 mean cross-entropy; set when forward got targets
 
 
 @dataclass
@@ -59,8 +61,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32: bf16 sums of squares lose too much precision.
-        xf = x.float()
+        # Normalise in fp32 or wider: bf16 sums of squares lose too much precision, and a
+        # float64 model must stay float64 (its tests compare against float64 oracles).
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -72,7 +75,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) of x [B, T, H, hd] by the position angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # never narrower than fp32
     cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, hd/2]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -132,6 +135,15 @@ class Block(nn.Module):
         return x + y, aux
 
 
+def call_block(block: "Block", x, cos, sin, ctx: FFNContext, kv_cache=None):
+    return block(x, cos, sin, ctx, kv_cache)
+
+
+# How the forward pass calls a block during training: `call_block`, or a wrapper with the
+# same signature installed from outside the model (activation checkpointing).
+BlockRunner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -150,6 +162,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.block_runner: BlockRunner = call_block
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -163,7 +176,12 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.qkv.weight, std=std)
             nn.init.normal_(block.attn.proj.weight, std=output_std(self.cfg))
 
-    def forward(self, input_ids: torch.Tensor, cache: Optional[DecodeCache] = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, cache: Optional[DecodeCache] = None,
+                targets: Optional[torch.Tensor] = None, loss_chunk: int = 0) -> ModelOutput:
+        """With targets [B, T], returns the cross-entropy instead of the logits, computed
+        `loss_chunk` tokens at a time (0 = all at once) so the fp32 logits of the whole
+        micro-batch never exist; inside forward, so the head's weights are wherever
+        DeepSpeed has gathered them."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -180,12 +198,22 @@ class Transformer(nn.Module):
                 k=ks[j] if ks is not None and j is not None else None,
                 state=cache.ffn[i] if cache is not None else None,
             )
-            x, aux = block(x, cos, sin, ctx, cache.kv[i] if cache is not None else None)
+            if cache is None:
+                x, aux = self.block_runner(block, x, cos, sin, ctx)
+            else:  # decoding mutates the caches: never through a recomputing runner
+                x, aux = block(x, cos, sin, ctx, cache.kv[i])
             aux_total = aux_total + aux
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))
-        return ModelOutput(logits=logits, aux_loss=aux_total)
+        hidden = self.norm(x)
+        if targets is not None:
+            ce = chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
+            return ModelOutput(logits=None, aux_loss=aux_total, ce=ce)
+        return ModelOutput(logits=self.lm_head(hidden), aux_loss=aux_total)
+
+    def set_block_runner(self, runner: BlockRunner) -> None:
+        """Install how training forwards call each block (see `llm.parallel.blocks`)."""
+        self.block_runner = runner
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache(self.cfg.n_layers)

@@ -87,14 +87,19 @@ def ds_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, t: TrainConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups, each with a `name`, expert parameters split into their own groups.
 
     Decoupled weight decay goes on matrices only: every parameter with >= 2 dimensions
     (linear weights, stacked expert weights, router matrices) except embedding tables.
-    Vectors (norm gains, biases, the LapSum budget η) are not decayed: shrinking them
-    towards 0 has no regularising meaning. A module can exempt any other parameter by
-    setting `param.no_weight_decay = True` (e.g. a router prior).
+    Vectors (norm gains, biases) are not decayed: shrinking them towards 0 has no
+    regularising meaning. A module can exempt any other parameter by setting
+    `param.no_weight_decay = True` (e.g. a router prior).
+
+    The LapSum budget η gets a group of its own, `budget`, with peak LR `train.budget_lr`
+    and no weight decay: its gradient is a small, noisy share of the CE gradient, and at
+    the model's LR Adam moves it too little for the per-layer budgets to separate
+    (docs/lapsum-budget.md).
 
     `split_params_into_different_moe_groups_for_optimizer` moves parameters that DeepSpeed
     marks as expert parameters (`param.allreduce == False`, set by expert parallelism)
@@ -103,17 +108,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    from llm.routing import ExpertBudget
+
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    budget = {id(m.eta) for m in model.modules() if isinstance(m, ExpertBudget)}
+    decay, no_decay, eta = [], [], []
     for param in model.parameters():  # each tied parameter once
         if not param.requires_grad:
             continue
+        if id(param) in budget:
+            eta.append(param)
+            continue
         exempt = param.ndim < 2 or id(param) in embeddings or getattr(param, "no_weight_decay", False)
         (no_decay if exempt else decay).append(param)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+              {"name": "budget", "params": eta, "weight_decay": 0.0, "lr": group_lr("budget", t)}]
     groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
     return [g for g in groups if g["params"]]
+
+
+def group_lr(name: str, t: TrainConfig) -> float:
+    """Peak LR of the parameter group `name`: train.budget_lr for the budget η, else train.lr."""
+    return t.budget_lr if name == "budget" else t.lr
 
 
 def warmup_cosine(t: TrainConfig) -> Callable[[int], float]:
@@ -134,34 +151,61 @@ def warmup_cosine(t: TrainConfig) -> Callable[[int], float]:
     return multiplier
 
 
+def warmup_stable_decay(t: TrainConfig) -> Callable[[int], float]:
+    """LR multiplier of step s for `train.lr_schedule: wsd`: the same linear warmup, then
+    constant at 1 until the last `decay_fraction` of max_steps, then linear to min_lr_ratio.
+
+    The stable phase is what lets a run be continued or branched off without restarting a
+    schedule; only the short decay at the end depends on max_steps (a closure for the same
+    reason as `warmup_cosine`).
+    """
+    warmup, total, floor = t.warmup_steps, t.max_steps, t.min_lr_ratio
+    decay_start = max(warmup, total - round(t.decay_fraction * total))
+
+    def multiplier(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = min(1.0, max(0, s - decay_start) / max(1, total - decay_start))
+        return 1 - (1 - floor) * progress
+
+    return multiplier
+
+
+SCHEDULES = {"cosine": warmup_cosine, "wsd": warmup_stable_decay}
+
+
 def follow_schedule(engine, t: TrainConfig) -> None:
     """After a resume, set the LR of the restored step from the *current* config.
 
     DeepSpeed restores the scheduler's step count and the base LR of the run that saved
-    the checkpoint; train.lr, warmup_steps, min_lr_ratio and max_steps may differ now.
-    With an unchanged config this reproduces the uninterrupted run's LR exactly.
+    the checkpoint; train.lr, budget_lr, warmup_steps, min_lr_ratio and max_steps may
+    differ now. With an unchanged config this reproduces the uninterrupted run's LR exactly.
     """
     scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+    scheduler.base_lrs = [group_lr(g.get("name", ""), t) for g in scheduler.optimizer.param_groups]
     scheduler.last_epoch -= 1
     scheduler.step()
 
 
 def build_engine(model: nn.Module, cfg: Config):
-    """Wrap the model in a DeepSpeed engine with our AdamW and LR schedule.
+    """Compile/checkpoint its blocks as train.* asks, and wrap the model in a DeepSpeed
+    engine with our AdamW and LR schedule.
 
     Gradient accumulation, clipping, bf16 master weights, ZeRO partitioning and the
     data-parallel gradient all-reduce all happen inside the engine.
     """
     import deepspeed
 
+    from llm.parallel.blocks import apply_block_options
+
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    apply_block_options(model, t)
+    groups = param_groups(model, t)
     for g in groups:
-        log.debug("param group %s: %d tensors, %d values, weight_decay=%g", g["name"], len(g["params"]),
-                  sum(p.numel() for p in g["params"]), g["weight_decay"])
+        log.debug("param group %s: %d tensors, %d values, lr=%g, weight_decay=%g", g["name"], len(g["params"]),
+                  sum(p.numel() for p in g["params"]), g.get("lr", t.lr), g["weight_decay"])
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[t.lr_schedule](t))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(cfg))
     from llm.parallel.expert import fix_fp32_clipping

@@ -38,7 +38,7 @@ from llm.config import ConfigError
 from llm.parallel import groups
 from llm.parallel.collectives import all_gather, all_gather_flat, all_to_all, reduce_scatter
 from llm.routing.deepspeed_moe import DeepSpeedMoE
-from llm.routing.experts import Experts
+from llm.routing.experts import Experts, merge
 
 SMEAR_MERGE_MODES = ("auto", "gather", "reduce")
 
@@ -183,13 +183,13 @@ class ExpertParallelMerge:
         if self.last_path == "gather":
             local = torch.cat([p.flatten(1) for p in params], dim=1)  # [E_local, P]
             full = all_gather(local, group)  # [E, P]
-            merged = weights.to(full.dtype) @ full  # [G, P]
+            merged = merge(weights, full)  # [G, P]
         else:
             w_all = all_gather(weights, group)  # [ep·G, E]
-            w_local = w_all[:, ex.first:ex.first + ex.n_local].to(ex.w1.dtype)  # [ep·G, E_local]
-            partial = w_local @ torch.cat([p.flatten(1) for p in params], dim=1)  # [ep·G, P]
+            partial = merge(w_all[:, ex.first:ex.first + ex.n_local],
+                            torch.cat([p.flatten(1) for p in params], dim=1))  # [ep·G, P]
             merged = reduce_scatter(partial, group)  # [G, P]
-        return tuple(m.view(G, *s) for m, s in zip(merged.split(sizes, dim=1), shapes))
+        return tuple(m.to(ex.w1.dtype).view(G, *s) for m, s in zip(merged.split(sizes, dim=1), shapes))
 
 
 # ---------------------------------------------------------------------------- sharding

@@ -9,9 +9,24 @@ from torch import nn
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _grouped_mm_ok(dtype: torch.dtype) -> bool:
+    """grouped_mm runs eagerly in these dtypes, but torch.compile's shape function for it
+    (torch 2.13) admits bf16 only: compiled fp32/fp16 models take the per-expert loop."""
+    if torch.compiler.is_compiling():
+        return dtype == torch.bfloat16
+    return dtype in _GROUPED_DTYPES
+
+
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """y = W2 (silu(W1 x) ⊙ W3 x) with weights stored input-major: w1, w3 [d, f], w2 [f, d]."""
     return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def merge(weights: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """weights [G, E] @ flat [E, P] in at least fp32: merge weights rounded to bf16 would no
+    longer sum to 1 (|Σe − 1| ~ 2e-3); the caller casts the merged experts back."""
+    acc = torch.promote_types(flat.dtype, torch.float32)
+    return weights.to(acc) @ flat.to(acc)
 
 
 class Experts(nn.Module):
@@ -43,7 +58,7 @@ class Experts(nn.Module):
 
         x: [M, d] rows sorted by local expert; counts: [E_local] rows per expert (sums to M).
         """
-        if x.dtype in _GROUPED_DTYPES:
+        if _grouped_mm_ok(x.dtype):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(F.grouped_mm(x, self.w1, offs=offs)) * F.grouped_mm(x, self.w3, offs=offs)
             return F.grouped_mm(h, self.w2, offs=offs)
@@ -55,7 +70,6 @@ class Experts(nn.Module):
 
         Returns w1, w3 [G, d, f] and w2 [G, f, d]: one matmul per weight matrix.
         """
-        flat = weights.to(self.w1.dtype)
         return tuple(
-            (flat @ w.flatten(1)).view(weights.shape[0], *w.shape[1:]) for w in (self.w1, self.w3, self.w2)
-        )
+            merge(weights, w.flatten(1)).to(w.dtype).view(weights.shape[0], *w.shape[1:])
+            for w in (self.w1, self.w3, self.w2))

@@ -148,24 +148,40 @@ def _root(log_p: Tensor, log_q: Tensor, e: Tensor) -> Tensor:
 
 def _forward_sorted(scores, k, inv_alpha, unit):
     """SPEC §3.1 as written: full sort and logcumsumexp. Returns u = (r − t)/α [N, E],
-    min_i |u_i| [N, 1] and a spare [N, E] buffer for _weights."""
+    min_i |u_i| [N, 1] and a spare [N, E] buffer for _weights.
+
+    The sums found b in the absolute frame s = r/α, where b carries an error of about
+    ulp(|s|): with score gaps ≫ α that can be larger than 1. So b is solved once more
+    relative to the score nearest to it (`_recentre`).
+    """
     n = scores.shape[-1]
-    s = scores if unit else scores * inv_alpha  # [N, E]
     w = n - k
-    ss = s.sort(dim=-1).values  # ascending  [N, E]
+    rs = scores.sort(dim=-1).values  # ascending  [N, E]
+    ss = rs if unit else rs * inv_alpha  # [N, E]
     # All exponents are ≤ 0 because ss is sorted: A_i ∈ [1, E − i], B_i ∈ [1, i + 1].
     log_lo = ss.logcumsumexp(-1)  # log Σ_{j≤i} e^{s_j}  [N, E]
     log_hi = ss.neg().flip(-1).logcumsumexp(-1).flip(-1)  # log Σ_{j≥i} e^{−s_j}  [N, E]
-    odd = torch.arange(1, 2 * n, 2, dtype=s.dtype, device=s.device)  # 2i + 1  [E]
+    odd = torch.arange(1, 2 * n, 2, dtype=ss.dtype, device=ss.device)  # 2i + 1  [E]
     # 2G(s_i) = A_i − B_i + 2i + 1 increases with i; counting the entries below 2w gives
     # the searchsorted index without needing 2G to be exactly monotone after rounding.
     two_g = (ss + log_hi).exp_() - (log_lo - ss).exp_()  # 2G(s_i) − (2i + 1)  [N, E]
     i = (two_g < (2.0 * w - odd)).sum(-1, keepdim=True)  # b ∈ (s_{i−1}, s_i]  [N, 1]
     log_p = pad(log_lo, (1, 0), value=-math.inf).gather(-1, i)  # log Σ_{j<i} e^{s_j}
     log_q = pad(log_hi, (0, 1), value=-math.inf).gather(-1, i)  # log Σ_{j≥i} e^{−s_j}
-    u = s - _root(log_p, log_q, w - i.to(s.dtype))  # [N, E]
-    buffer = u.abs()
-    return u, buffer.amin(-1, keepdim=True), buffer
+    e = w - i.to(ss.dtype)  # [N, 1]
+    b = _root(log_p, log_q, e)  # [N, 1]
+    # The nearer of the two scores around b (both exist unless b is outside every score).
+    lo, hi = (i - 1).clamp_(min=0), i.clamp(max=n - 1)
+    nearest = torch.where((ss.gather(-1, hi) - b).abs() < (b - ss.gather(-1, lo)).abs(), hi, lo)  # [N, 1]
+    ref = rs.gather(-1, nearest)  # [N, 1]
+    rel = rs - ref if unit else (rs - ref) * inv_alpha  # s − s_ref, exact near the reference  [N, E]
+    below = torch.arange(n, device=ss.device) < i  # [N, E]
+    log_p = rel.masked_fill(~below, -math.inf).logsumexp(-1, keepdim=True)
+    log_q = rel.neg().masked_fill_(below, -math.inf).logsumexp(-1, keepdim=True)
+    b_ref = _root(log_p, log_q, e)  # b − s_ref  [N, 1]
+    u = scores - ref if unit else (scores - ref) * inv_alpha
+    u = u.sub_(b_ref)  # [N, E]
+    return u, b_ref.abs(), torch.empty_like(u)
 
 
 def _forward_window(scores, k, inv_alpha, unit, m, flip):
@@ -213,13 +229,24 @@ def _forward_window(scores, k, inv_alpha, unit, m, flip):
     # b ∈ (h[m − c], h[m − c − 1]]; the padding gives Q = 0 when c = m (b above every
     # score) and P = 0 when c = 0 (b below every score, only if the window is the row).
     lo = m - c  # [1, N]
-    log_p = pad(below.log_().add_(h), (0, 0, 0, 1), value=-math.inf).gather(0, lo)  # log Σ_{s<b} e^s
-    log_q = pad(above.log_().sub_(h), (0, 0, 1, 0), value=-math.inf).gather(0, lo)  # log Σ_{s≥b} e^−s
-    b = _root(log_p, log_q, (w - (n - m)) - c.to(h.dtype))  # [1, N]
-    # The score nearest to b is in the window.
-    dist_min = (h - b).abs_().amin(0, keepdim=True)  # [1, N]
-    u = d.sub_(b.t())  # [N, E]
-    return u.neg_() if flip else u, dist_min.t(), buffer
+    # b is solved relative to each of the two window scores around it, top[lo] below and
+    # top[lo − 1] above (the same one at the ends), from score differences taken before
+    # scaling by 1/α; the nearer reference gives u = (r − r_ref)/α − (b − s_ref) without
+    # the error of about ulp(|h|) that b relative to h_last carries when gaps are ≫ α.
+    log_below = pad(below.log_(), (0, 0, 0, 1), value=-math.inf).gather(0, lo)  # log Σ_{s<b} e^{s − s_lo}
+    log_above = pad(above.log_(), (0, 0, 1, 0), value=-math.inf).gather(0, lo)  # log Σ_{s≥b} e^{s_hi − s}
+    top_lo, top_hi = top.gather(0, lo.clamp(max=m - 1)), top.gather(0, (lo - 1).clamp_(min=0))  # [1, N]
+    gap = top_hi - top_lo if unit else (top_hi - top_lo) * inv_alpha  # s_hi − s_lo ≥ 0  [1, N]
+    e = (w - (n - m)) - c.to(h.dtype)
+    b_lo = _root(log_below, log_above - gap, e)  # b − s_lo  [1, N]
+    b_hi = _root(log_below - gap, log_above, e)  # b − s_hi  [1, N]
+    use_hi = b_hi.abs() < b_lo.abs()
+    b, ref = torch.where(use_hi, b_hi, b_lo), torch.where(use_hi, top_hi, top_lo)  # [1, N]
+    u = torch.sub(frame, ref.t(), out=d)  # [N, E]
+    if not unit:
+        u.mul_(inv_alpha)
+    u.sub_(b.t())
+    return u.neg_() if flip else u, b.abs().t(), buffer
 
 
 def _weights(u: Tensor, dist_min: Tensor, buffer: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -43,7 +43,7 @@ def build_router(cfg: ModelConfig) -> nn.Module:
         return TopKRouter(k=1 if r.router == "switch" else r.top_k, **common)
     if r.router == "lapsum":
         return LapSumRouter(k_max=max_budget(cfg), alpha=r.alpha, tau=r.tau, expansion_cap=r.expansion_cap,
-                            calibrate_tau=r.calibrate_tau, **common)
+                            tau_control=r.tau_control, tau_ema=r.tau_ema, keep_top1=r.keep_top1, **common)
     raise ValueError(f"MoELayer does not implement router {r.router!r}")
 
 

@@ -11,7 +11,8 @@ in this file only.
   per token to the experts with p > τ, at most ceil(c·k_l) of them (SPEC §3.2), weights
   not renormalised. The dense gradient of soft_topk still reaches dropped experts.
 
-Router logits are computed in fp32 whatever the model dtype. The gate parameter is
+Router logits are computed in fp32 or wider whatever the model dtype and autocast. The
+LapSum τ controller is described in docs/lapsum-budget.md. The gate parameter is
 called `gate`: DeepSpeed treats any parameter whose name contains "expert" as an
 expert parameter, and the router is not one.
 """
@@ -48,8 +49,14 @@ class Routing:
 
 
 def router_logits(gate: nn.Linear, x: Tensor) -> Tensor:
-    """r = W_g x in fp32: [N, d] → [N, E]."""
-    return F.linear(x.float(), gate.weight.float())
+    """r = W_g x in fp32, or wider if x is (float64): [N, d] → [N, E].
+
+    Autocast is off here: under bf16 autocast F.linear would return bf16 logits, and
+    LapSum's τ and the top-k order are decided on small logit differences.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), gate.weight.to(dtype))
 
 
 def load_balancing_loss(probs: Tensor, experts: Tensor, valid: Optional[Tensor]) -> Tensor:
@@ -112,27 +119,36 @@ class LapSumRouter(nn.Module):
     number of slots per token m = min(E, ceil(c·k_max)) is static; the per-token cap
     ceil(c·k_l) with the current k_l is applied as a validity mask inside those slots.
 
-    τ lives in the buffer `tau` (checkpointed). With `calibrate_tau`, the first forward
-    in training mode sets τ so that the mean number of kept experts per token ≈ k_l on
-    that batch (averaged over ranks when torch.distributed is initialised), then τ is
-    frozen (`tau_calibrated` is also a buffer, so a resumed run does not recalibrate).
+    τ lives in the buffer `tau` (checkpointed): the value every forward uses, and the only
+    one inference needs. With `tau_control="ema"` each training forward, after routing
+    with the current τ, measures the τ that would have kept round(N·k_l) slots on its own
+    tokens (averaged over data-parallel ranks) and moves `tau` towards it by `tau_ema`;
+    the first measurement replaces the initial τ. So the τ a batch uses depends only on
+    earlier batches, and the layer's mean kept experts per token tracks k_l as the router
+    and the budget drift (docs/lapsum-budget.md). `tau_updates` counts the measurements.
+    `tau_control="fixed"` keeps the configured τ. Eval mode never changes τ.
+
+    With `keep_top1`, every token's highest-p expert is kept whatever τ, so no token
+    skips the layer; τ then only decides the slots after the first.
     """
 
     def __init__(self, d_model: int, n_experts: int, k_max: float, alpha: float, tau: float,
-                 expansion_cap: float, calibrate_tau: bool, init_std: float,
-                 aux_loss_coef: float, z_loss_coef: float):
+                 expansion_cap: float, tau_control: str, tau_ema: float, keep_top1: bool,
+                 init_std: float, aux_loss_coef: float, z_loss_coef: float):
         super().__init__()
         if not 1 <= k_max < n_experts:
             raise ValueError(f"LapSum routing needs 1 <= k_max < n_experts={n_experts}, got k_max={k_max}")
+        if tau_control not in ("ema", "fixed"):
+            raise ValueError(f"tau_control must be 'ema' or 'fixed', got {tau_control!r}")
         self.n_experts = n_experts
-        self.alpha, self.expansion_cap, self.calibrate_tau = alpha, expansion_cap, calibrate_tau
+        self.alpha, self.expansion_cap = alpha, expansion_cap
+        self.tau_control, self.tau_ema, self.keep_top1 = tau_control, tau_ema, keep_top1
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.max_slots = min(n_experts, math.ceil(expansion_cap * k_max - _CEIL_SLACK))
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=init_std)
         self.register_buffer("tau", torch.tensor(float(tau)))
-        self.register_buffer("tau_calibrated", torch.tensor(False))
-        self._tau_frozen: Optional[bool] = None  # host copy of tau_calibrated: no device read per step
+        self.register_buffer("tau_updates", torch.tensor(0, dtype=torch.long))
 
     @property
     def slots(self) -> int:
@@ -145,12 +161,12 @@ class LapSumRouter(nn.Module):
         top_p, experts = p.topk(self.max_slots, dim=-1)  # [N, m], descending
         cap = torch.ceil(self.expansion_cap * k.detach() - _CEIL_SLACK)  # [] ceil(c·k_l)
         in_cap = torch.arange(self.max_slots, device=x.device) < cap  # [m]
-        if self.calibrate_tau and self.training:
-            if self._tau_frozen is None:
-                self._tau_frozen = bool(self.tau_calibrated)
-            if not self._tau_frozen:
-                self._calibrate(top_p.detach(), in_cap, k.detach())
-        valid = (top_p > self.tau) & in_cap  # [N, m]
+        candidates = top_p.detach().masked_fill(~in_cap, -1.0)  # [N, m]: −1 is never kept
+        if self.keep_top1:
+            candidates[:, 0] = 2.0  # above any τ < 1
+        valid = candidates > self.tau  # [N, m]
+        if self.tau_control == "ema" and self.training:
+            self._track_budget(candidates, k.detach())
         weights = top_p.masked_fill(~valid, 0.0)  # not renormalised: Σ weights ≤ k_l
         probs = p / k.to(p.dtype)  # [N, E], rows sum to 1: P_i = mean p_i / k_l (SPEC §3.3)
         lb = load_balancing_loss(probs, experts, valid)
@@ -161,18 +177,23 @@ class LapSumRouter(nn.Module):
         )
 
     @torch.no_grad()
-    def _calibrate(self, top_p: Tensor, in_cap: Tensor, k: Tensor) -> None:
-        """Set τ to the value that keeps round(N·k_l) of the capped candidates on this batch."""
-        candidates = top_p.masked_fill(~in_cap, -1.0).flatten().sort(descending=True).values  # [N·m]
-        target = int(round(top_p.shape[0] * float(k)))
-        tau = candidates[target].clamp(min=0.0) if target < candidates.numel() else top_p.new_zeros(())
+    def _track_budget(self, candidates: Tensor, k: Tensor) -> None:
+        """Move τ towards the threshold that keeps round(N·k_l) of this batch's candidates."""
+        tau = budget_threshold(candidates, k).to(self.tau.dtype)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(tau)
             tau /= dist.get_world_size()
-        self.tau.copy_(tau)
-        self.tau_calibrated.fill_(True)
-        self._tau_frozen = True
+        first = self.tau_updates == 0
+        self.tau.copy_(torch.where(first, tau, torch.lerp(self.tau, tau, self.tau_ema)))
+        self.tau_updates += 1
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._tau_frozen = None  # re-read tau_calibrated from the loaded buffer
+
+def budget_threshold(candidates: Tensor, k: Tensor) -> Tensor:
+    """The τ ∈ [0, 1) at which `candidates > τ` keeps round(N·k) of the N·m candidates [N, m].
+
+    τ is the largest candidate not kept (clamped at 0: never below every p). The index is
+    computed on the device, so a GPU step does not wait for the host.
+    """
+    flat = candidates.flatten().sort(descending=True).values  # [N·m]
+    target = torch.round(candidates.shape[0] * k.to(flat.dtype)).long().clamp(max=flat.numel() - 1)
+    return flat.gather(0, target.reshape(1)).squeeze(0).clamp(min=0.0)

@@ -1,4 +1,4 @@
-"""Checkpoints as lm-evaluation-harness models, local task data, and `llm eval`.
+"""One of this project's checkpoints as an lm-evaluation-harness model.
 
 Importing this module registers the model name `llm` with lm-eval:
 
@@ -22,53 +22,29 @@ nothing before it (the tests check this for dense and routed models). Exceptions
 about at load time: capacity-limited routing (`capacity_factor` set, or DeepSpeed's own
 `deepspeed_topk` layer), where tokens compete for expert slots across the batch, and SMEAR's
 `first_segment: self_stopgrad`, which reads the future of segment 0.
-
-Tasks named like a YAML file in `eval/tasks/` read local jsonl files from the data
-directory (`--data-dir` or `$LLM_EVAL_DATA`); any other name is looked up in lm-eval's
-own task index (which downloads its data from the hub).
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
-import importlib
-import json
 import logging
-import os
-import random
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import lm_eval
 import lm_eval.models  # noqa: F401  (registers lm-eval's own model names before ours)
-import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from llm import perplexity
-from llm.monitor import Callback
+from llm.evaluation.errors import EvalError
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
-DATA_ENV = "LLM_EVAL_DATA"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
-
-class EvalError(ValueError):
-    """An evaluation problem, phrased as one line (bad task, data, checkpoint or argument)."""
-
-
-# ---------------------------------------------------------------------------- the lm-eval model
 
 @register_model("llm")
 class LLMEvalModel(TemplateLM):
@@ -364,274 +340,3 @@ def _warn_if_batch_dependent(cfg) -> None:
     if routing.router == "smear" and routing.first_segment == "self_stopgrad":
         log.warning("SMEAR first_segment=self_stopgrad routes segment 0 on its own future tokens: "
                     "scores see the continuation and depend on padding")
-
-
-# ---------------------------------------------------------------------------- tasks
-
-def local_tasks() -> dict[str, Path]:
-    """Task name -> YAML of the tasks that read local data (eval/tasks/NAME.yaml)."""
-    return {p.stem: p for p in sorted(TASKS_DIR.glob("*.yaml"))}
-
-
-def data_root(data_dir: str | Path | None, task: str = "local tasks") -> Path:
-    """The local task data directory: the argument, else $LLM_EVAL_DATA."""
-    chosen = data_dir or os.environ.get(DATA_ENV)
-    if not chosen:
-        raise EvalError(f"{task} reads its data from a local directory: pass --data-dir DIR (eval.data_dir in "
-                        f"a config) or set {DATA_ENV} (laid out like eval/sample/)")
-    path = Path(chosen).expanduser().resolve()
-    if not path.is_dir():
-        raise EvalError(f"eval data directory {path} not found")
-    return path
-
-
-def task_config(name: str, data_dir: str | Path | None) -> dict[str, Any]:
-    """The lm-eval config dict of a local task, its data files made absolute under the data directory.
-
-    (lm-eval resolves relative `data_files` against the current directory, not the YAML's.)
-    """
-    path = local_tasks().get(name)
-    if path is None:
-        raise EvalError(f"unknown local task {name!r}; local tasks: {', '.join(local_tasks())}")
-    cfg = _load_task_yaml(path)
-    root = data_root(data_dir, name)
-    files = {}
-    for split, rel in cfg["dataset_kwargs"]["data_files"].items():
-        file = root / rel
-        if not file.is_file():
-            raise EvalError(f"task {name}: data file {file} not found (expected {rel} under the eval data "
-                            f"directory {root})")
-        files[split] = str(file)
-    cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": files}
-    return cfg
-
-
-def _load_task_yaml(path: Path) -> dict[str, Any]:
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def function(loader: yaml.Loader, node: yaml.Node):
-        module, _, name = loader.construct_scalar(node).rpartition(".")
-        return getattr(importlib.import_module(module), name)
-
-    Loader.add_constructor("!function", function)
-    return yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 (SafeLoader + one tag)
-
-
-@dataclass
-class TaskSet:
-    """Tasks ready for lm-eval: local configs (absolute data paths) and hub names, and their TaskManager."""
-
-    names: list[str]
-    specs: list[Any]
-    manager: Any  # lm_eval.tasks.TaskManager
-    data_dir: Optional[Path]  # where local tasks read their data; None if there are none
-
-
-def resolve_tasks(names: Sequence[str], data_dir: str | Path | None = None) -> TaskSet:
-    """Check task names and local data files; local names read eval/tasks/NAME.yaml, others are lm-eval's."""
-    from lm_eval.tasks import TaskManager
-
-    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
-    if not names:
-        raise EvalError("no tasks given")
-    local = local_tasks()
-    hub = [n for n in names if n not in local]
-    if hub:
-        manager = TaskManager()  # lm-eval's own index (a few seconds to scan)
-        for name in hub:
-            if name not in manager.all_tasks:
-                close = difflib.get_close_matches(name, list(local) + manager.all_tasks, n=1)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise EvalError(f"unknown task {name!r}: neither in eval/tasks ({', '.join(local)}) nor in "
-                                f"lm-eval's task index{hint}")
-    else:
-        manager = TaskManager(include_defaults=False)  # skips scanning lm-eval's thousands of YAMLs
-    specs = [task_config(n, data_dir) if n in local else n for n in names]
-    return TaskSet(names, specs, manager, data_root(data_dir) if len(hub) < len(names) else None)
-
-
-# ---------------------------------------------------------------------------- running
-
-def evaluate(lm: LLMEvalModel, tasks: TaskSet, limit: Optional[int] = None, num_fewshot: Optional[int] = None,
-             seed: Optional[int] = 1234) -> dict[str, Any]:
-    """Run lm-eval and return its results dict (no bootstrap stderr, no per-sample logs).
-
-    seed=None leaves the global RNGs alone (lm-eval would otherwise reseed them).
-    """
-    seeds = dict(random_seed=0, numpy_random_seed=seed, torch_random_seed=seed) if seed is not None else dict(
-        random_seed=None, numpy_random_seed=None, torch_random_seed=None)
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=tasks.specs, task_manager=tasks.manager, limit=limit, num_fewshot=num_fewshot,
-        bootstrap_iters=0, log_samples=False, fewshot_random_seed=1234, **seeds)
-
-
-def summarize(results: dict[str, Any]) -> dict[str, float]:
-    """Flat {task/metric: value} of lm-eval results (stderr and aliases left out), for loggers."""
-    flat = {}
-    for task, metrics in results.get("results", {}).items():
-        for key, value in metrics.items():
-            metric, comma, filt = key.partition(",")  # "acc,none"; "alias" and "sample_len" are not metrics
-            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            flat[f"{task}/{metric}" if filt in ("", "none") else f"{task}/{metric}/{filt}"] = float(value)
-    return flat
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """lm-eval's results table (and its groups table when there are groups)."""
-    table = make_table(results)
-    if results.get("groups"):
-        table += "\n" + make_table(results, "groups")
-    return table
-
-
-def run_eval(checkpoint: str | Path, tasks: Sequence[str], limit: Optional[int] = None,
-             num_fewshot: Optional[int] = None, batch_size: int = 32, device: Optional[str] = None,
-             dtype: Optional[str] = None, data_dir: str | Path | None = None,
-             out: str | Path | None = None, texts: Sequence[str | Path] = ()) -> tuple[dict[str, Any], Path]:
-    """`llm eval`: evaluate a checkpoint on lm-eval tasks and/or the perplexity of text files, write
-    results JSON + markdown table, return (results, JSON path)."""
-    if limit is not None and limit <= 0:
-        raise EvalError(f"--limit {limit}: expected a positive number of documents per task")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise EvalError(f"--num-fewshot {num_fewshot}: expected >= 0")
-    if not tasks and not texts:
-        raise EvalError("nothing to evaluate: pass --tasks TASKS and/or --text FILE")
-    # bad task names, missing task data and unreadable text files fail before the model loads
-    task_set = resolve_tasks(tasks, data_dir) if tasks else None
-    documents = [perplexity.read_text(path) for path in texts]
-    t0 = time.time()
-    lm = LLMEvalModel(checkpoint=str(checkpoint), batch_size=batch_size, device=device, dtype=dtype)
-    results = evaluate(lm, task_set, limit=limit, num_fewshot=num_fewshot) if task_set else {}
-    perplexity.add_results(results, documents, perplexity.score(lm, documents))
-    seconds = time.time() - t0
-    results["llm"] = {
-        "checkpoint": str(lm.checkpoint), "step": lm.step, "tasks": task_set.names if task_set else [],
-        "texts": [d.name for d in documents], "limit": limit,
-        "num_fewshot": num_fewshot, "batch_size": lm.batch_size, "device": str(lm.device),
-        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-        "data_dir": str(task_set.data_dir) if task_set and task_set.data_dir else None,
-        "seconds": round(seconds, 1),
-    }
-    json_path = Path(out) if out else lm.checkpoint / "eval" / "results.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, default=_jsonable, ensure_ascii=False))
-    header = f"{lm.checkpoint} (step {lm.step}), limit {limit}, {seconds:.0f} s\n\n"
-    json_path.with_suffix(".md").write_text(header + markdown(results))
-    return results, json_path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, set):
-        return sorted(obj)
-    return getattr(obj, "__name__", None) or str(obj)
-
-
-# ---------------------------------------------------------------------------- command line
-
-def main(args) -> None:
-    """`llm eval` from its parsed arguments (declared in llm/cli.py); EvalError propagates."""
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # our own lines and the table say what matters
-    results, path = run_eval(args.checkpoint, args.tasks.split(",") if args.tasks else [], limit=args.limit,
-                             num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
-                             dtype=args.dtype, data_dir=args.data_dir, out=args.out, texts=args.text)
-    print(markdown(results))
-    print(f"results: {path} and {path.with_suffix('.md')} ({results['llm']['seconds']:.0f} s)")
-
-
-# ---------------------------------------------------------------------------- during training
-
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Evaluation must not move the training run's random streams."""
-    py, np_state = random.getstate(), np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(np_state)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """lm-eval's INFO chatter and datasets' progress bars off, for evaluation inside a training log."""
-    import datasets
-
-    logger = logging.getLogger("lm_eval")
-    level, bars = logger.level, datasets.is_progress_bar_enabled()
-    logger.setLevel(logging.WARNING)
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if bars:
-            datasets.enable_progress_bars()
-
-
-class EvalCallback(Callback):
-    """lm-eval tasks every `eval.every` steps during training.
-
-    Runs `eval.tasks` on `eval.limit` documents each with the plain model (`trainer.model`)
-    in eval mode, puts it back in the mode it was in, restores every RNG, and logs the
-    scores through `trainer.log` (console, metrics.jsonl, wandb) as `eval/TASK/METRIC`.
-    Only global rank 0 evaluates, unless experts are spread over ranks (parallel.ep_size > 1):
-    the forward then needs every rank for its all-to-all, so all ranks run the same
-    requests. The other ranks wait for rank 0 at their next collective, so keep eval.limit
-    small enough to finish within the process group's timeout.
-    """
-
-    def __init__(self, cfg, tokenizer=None):
-        """cfg: EvalConfig; tokenizer: the run's Tokenizer (default: loaded from `trainer.tokenizer_path`)."""
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.tasks = None
-        if cfg.every:  # bad task names or missing data fail when the run starts, as config errors
-            from llm.config import ConfigError
-
-            try:
-                self.tasks = resolve_tasks(cfg.tasks, cfg.data_dir or None)
-            except EvalError as err:
-                raise ConfigError(f"eval.tasks={','.join(cfg.tasks)}: {err}") from None
-
-    def on_train_start(self, trainer) -> None:
-        if self.tokenizer is None and self.cfg.every:
-            from llm.data import Tokenizer
-
-            self.tokenizer = Tokenizer.load(trainer.tokenizer_path)
-
-    def on_step(self, trainer, step: int, metrics: dict[str, Any]) -> None:
-        if not self.cfg.every or step % self.cfg.every:
-            return
-        from llm.parallel import is_main
-
-        main = is_main()
-        if not main and trainer.cfg.parallel.ep_size == 1:
-            return
-        scores = self.run(trainer.model, self.tokenizer)
-        if main:
-            log.info("step %d lm-eval (limit %s): %s", step, self.cfg.limit or "none",
-                     "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scores.items()))
-            trainer.log(step, scores)
-
-    def run(self, model: torch.nn.Module, tokenizer) -> dict[str, float]:
-        """{eval/TASK/METRIC: value} for the model as it is now; leaves its mode and the RNGs as they were."""
-        was_training = model.training
-        model.eval()
-        t0 = time.time()
-        try:
-            with _preserved_rng(), _quiet():
-                lm = LLMEvalModel(model=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size, progress=False)
-                results = evaluate(lm, self.tasks, limit=self.cfg.limit or None, seed=None)
-        finally:
-            model.train(was_training)
-        scores = {f"eval/{k}": v for k, v in summarize(results).items()}
-        scores["eval/seconds"] = time.time() - t0
-        return scores

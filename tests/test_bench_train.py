@@ -1,0 +1,44 @@
+"""scripts/bench_train.py at a tiny size, in its own process (it joins a process group)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, env
+
+
+def test_bench_train_tiny(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--routers", "dense", "lapsum",
+         "--variants", "bare", "trainer", "ckpt full", "--d-model", "16", "--layers", "2", "--heads", "2",
+         "--vocab", "64", "--batch", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--loss-chunk", "8",
+         "--json", str(out)],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["router"], r["variant"]) for r in rows] == [
+        (router, v) for router in ("dense", "lapsum") for v in ("bare", "trainer", "ckpt full")]
+    for router in ("dense", "lapsum"):
+        bare, trainer, ckpt = (r for r in rows if r["router"] == router)
+        # Same weights and batches: the DeepSpeed step trains exactly as the bare AdamW loop.
+        assert trainer["first_loss"] == bare["first_loss"]
+        assert trainer["last_loss"] == pytest.approx(bare["last_loss"], abs=1e-5)
+        assert ckpt["last_loss"] == trainer["last_loss"]
+        assert trainer["vs_trainer"] == 1.0 and all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
+
+
+def test_gpu_check_script_parses_and_lists_its_parts(tmp_path):
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, env={**env(), "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    parts = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert parts[-4:] == ["== cuda_tests", "== train_125m", "== routing", "== smear_bf16"]
+    for config in ("dense", "topk2", "lapsum", "smear"):
+        assert (REPO / "configs" / f"gpt-125m-{config}.yaml").is_file() and f"gpt-125m-{config}.yaml" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # a dry run runs nothing

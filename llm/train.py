@@ -30,6 +30,7 @@ from llm.config import Config, save_config
 from llm.monitor import Callback, Monitor, peak_flops
 from llm.parallel.finite import NonFiniteGradient, refuse_nonfinite_updates
 from llm.preemption import GracefulStop
+from llm.routing.tau import end_step
 
 log = logging.getLogger("llm")
 
@@ -267,6 +268,7 @@ class Trainer:
         if grad_norm is not None and not math.isfinite(grad_norm):  # DeepSpeed skipped the update itself
             raise TrainingError(f"gradient norm is {grad_norm} at step {self.step + 1} (loss {ce + aux:.4f}), "
                                 f"the update was not applied; {self._last_good()}")
+        end_step(self.model)  # per-step routing state (LapSum's τ) learns from this step's batches
         self.step += 1
         self.tokens += self.tokens_per_step
         metrics = {"loss": ce + aux, "ce": ce, "aux": aux, "lr": lr, "tokens": self.tokens}

@@ -30,6 +30,7 @@ from llm import parallel
 from llm.config import Config, load_config
 from llm.model import build_model, flops_per_token
 from llm.parallel.engine import SCHEDULES, param_groups
+from llm.routing.tau import end_step
 
 MiB = 2 ** 20
 VARIANTS = {  # name -> train.* overrides
@@ -73,6 +74,7 @@ def bare_step(cfg: Config, device: torch.device) -> Step:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
+        end_step(model)
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         return loss.item()
@@ -90,6 +92,7 @@ def trainer_step(cfg: Config, device: torch.device) -> Step:
         loss = out.ce + out.aux_loss
         engine.backward(loss)
         engine.step()
+        end_step(engine.module)
         return loss.item()
 
     return step

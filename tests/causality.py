@@ -12,8 +12,7 @@ def causal_leak(model, input_ids: torch.Tensor, t: int, vocab_size: int, train: 
     """Largest change of logits[:, :t+1] when every token after t is replaced.
 
     In train mode the RNG is reseeded before each forward, so stochastic parts (expert
-    dropout) draw the same numbers for both inputs, and the state a training forward
-    updates for later batches (LapSum's τ) is restored: both inputs meet the same model.
+    dropout) draw the same numbers for both inputs.
     """
     model.train(train)
     changed = input_ids.clone()
@@ -24,9 +23,7 @@ def causal_leak(model, input_ids: torch.Tensor, t: int, vocab_size: int, train: 
     changed[:, t + 1:] = (tail + shift) % vocab_size
     with torch.no_grad():
         torch.manual_seed(seed)
-        state = {name: v.clone() for name, v in model.state_dict().items()}
         a = model(input_ids).logits[:, : t + 1]
-        model.load_state_dict(state)
         torch.manual_seed(seed)
         b = model(changed).logits[:, : t + 1]
     return (a - b).abs().max().item()

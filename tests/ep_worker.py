@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llm.config import Config, ModelConfig, ParallelConfig, RoutingConfig, TrainConfig  # noqa: E402
 from llm.parallel import expert as ep_mod  # noqa: E402
 from llm.parallel import groups  # noqa: E402
+from llm.routing.tau import end_step  # noqa: E402
 
 D, F_, E, B, T, VOCAB = 16, 32, 4, 2, 16, 64
 
@@ -169,8 +170,9 @@ def build(cfg: Config):
     return build_engine(model, cfg)
 
 
-def batch(step: int):
-    gen = torch.Generator().manual_seed(1000 * step + rank())
+def batch(step: int, of_rank: int | None = None):
+    """This rank's batch of a step (or rank `of_rank`'s: the single-process reference reads both)."""
+    gen = torch.Generator().manual_seed(1000 * step + (rank() if of_rank is None else of_rank))
     tokens = torch.randint(0, VOCAB, (B, T + 1), generator=gen)
     return tokens[:, :-1], tokens[:, 1:]
 
@@ -195,6 +197,7 @@ def run_steps(cfg: Config, steps: int = 5):
 
             ds_norms.append(float(clip_grad_norm_(engine.module.parameters(), max_norm=1e30)))
         engine.step()
+        end_step(engine.module)
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / dist.get_world_size())
@@ -285,7 +288,26 @@ def roundtrip(sharded, cfg: Config) -> dict:
             "expert_shapes": shapes}
 
 
-CASES = {"exchange": case_exchange, "smear": case_smear, "train": case_train}
+REFERENCE = dict(router="lapsum", k_mean=1.5, tau=0.05, n_experts=E)  # learned budget, τ controller
+REFERENCE_STEPS = 6
+
+
+def case_reference() -> dict:
+    """LapSum trained with ep_size 2 (τ controller and learned budget on): the final weights
+    and buffers in global expert order, for tests/test_expert_parallel.py to compare with a
+    single process without DeepSpeed that trains on both ranks' batches."""
+    from llm.parallel import full_state_dict
+
+    cfg = train_cfg(REFERENCE["router"], 2, 0, **{k: v for k, v in REFERENCE.items() if k != "router"})
+    engine, losses, *_ = run_steps(cfg, REFERENCE_STEPS)
+    state = full_state_dict(engine.module)
+    if rank() == 0:
+        torch.save({"state": state, "losses": torch.tensor(losses, dtype=torch.float64)},
+                   sys.argv[1] + ".reference.pt")
+    return {"losses": losses}
+
+
+CASES = {"exchange": case_exchange, "smear": case_smear, "train": case_train, "reference": case_reference}
 
 
 def main() -> None:

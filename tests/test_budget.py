@@ -1,5 +1,5 @@
 """The LapSum budget in training (llm/routing/budget.py, the τ controller of
-llm/routing/routers.py): a real `llm train` keeps every layer on its budget k_l on
+llm/routing/tau.py): a real `llm train` keeps every layer on its budget k_l on
 held-out batches, and a resumed run continues τ and η bit for bit.
 """
 from __future__ import annotations

@@ -34,8 +34,9 @@ def ep(tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0 and out.is_file(), f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
     results = json.loads(out.read_text())
-    for name in ("exchange", "smear", "train"):
+    for name in ("exchange", "smear", "train", "reference"):
         assert "error" not in results[name], results[name]["error"]
+    results["reference_file"] = str(out) + ".reference.pt"
     return results
 
 
@@ -100,6 +101,72 @@ def test_ep2_trains_like_ep1_under_zero(ep, zero):
 @pytest.mark.slow
 def test_ep2_trains_like_ep1_in_bf16(ep):
     _same_run(ep["train"]["topk_zero0_bf16"], loss_tol=1e-4, norm_rtol=2e-3)  # bf16 rounding, other order
+
+
+def _single_process_reference(steps: int) -> tuple[dict, list[float]]:
+    """What ep_size 2 on 2 ranks must equal: one process, no DeepSpeed, the same AdamW groups
+    (the budget η with its own LR), schedule and clipping, each step's loss the mean of the two
+    ranks' losses, and the τ histograms of both ranks' batches summed without a collective."""
+    import torch.nn.functional as F
+
+    from llm.model import build_model
+    from llm.parallel.engine import SCHEDULES, param_groups
+    from llm.routing.tau import end_step
+    from tests import ep_worker
+
+    cfg = ep_worker.train_cfg(ep_worker.REFERENCE["router"], 1, 0,
+                              **{k: v for k, v in ep_worker.REFERENCE.items() if k != "router"})
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[t.lr_schedule](t))
+    losses = []
+    for step in range(steps):
+        total = 0.0
+        for r in (0, 1):
+            inputs, targets = ep_worker.batch(step, of_rank=r)
+            out = model(inputs)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten()) + out.aux_loss
+            (loss / 2).backward()
+            total += loss.item() / 2
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        schedule.step()
+        end_step(model, reduce=False)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    return model.state_dict(), losses
+
+
+@pytest.mark.slow
+def test_ep2_lapsum_matches_single_process_without_deepspeed(ep):
+    """After 6 steps (η and τ have moved), ep_size 2 equals a plain single-process run on the
+    global batch: per parameter group within a relative 1e-5, η within 1e-6 absolute, τ within
+    one histogram bin (the ranks' slot weights differ from the reference's in the last bits)."""
+    from tests import ep_worker
+
+    saved = torch.load(ep["reference_file"], weights_only=True)
+    ref, ref_losses = _single_process_reference(ep_worker.REFERENCE_STEPS)
+    assert saved["losses"].tolist() == pytest.approx(ref_losses, rel=1e-5)
+    state = saved["state"]
+    assert set(state) == set(ref)
+    eta = ref["budget.eta"]
+    assert eta.abs().max() > 1e-3  # the budget learned something
+    assert (state["budget.eta"] - eta).abs().max() <= 1e-6
+    taus = [k for k in ref if k.endswith("router.tau")]
+    assert taus and all(int(ref[k.replace("tau", "tau_updates")]) == ep_worker.REFERENCE_STEPS for k in taus)
+    for k in taus:
+        assert abs(float(ref[k]) - 0.05) > 1e-4  # the controller moved τ
+        assert float(state[k]) == pytest.approx(float(ref[k]), rel=3.5e-3)
+    groups_ = {"experts": [k for k in ref if ".experts." in k], "gates": [k for k in ref if "router.gate" in k],
+               "other": [k for k in ref if ".experts." not in k and "router." not in k and k != "budget.eta"
+                         and ref[k].is_floating_point()]}
+    for name, keys in groups_.items():
+        assert keys, name
+        diff = torch.cat([(state[k].double() - ref[k].double()).flatten() for k in keys]).norm()
+        scale = torch.cat([ref[k].double().flatten() for k in keys]).norm()
+        assert diff <= 1e-5 * scale, (name, float(diff / scale))
 
 
 @pytest.mark.slow

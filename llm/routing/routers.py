@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.routing.lapsum import soft_topk
+from llm.routing.tau import SlotHistogram, threshold
 
 # ceil(c·k_l) with k_l from a softmax in float64 (1.5 can come out as 1.5000000000000002):
 # round down by this much first so that c·k_l = 3 keeps 3 experts, not 4.
@@ -120,13 +120,15 @@ class LapSumRouter(nn.Module):
     ceil(c·k_l) with the current k_l is applied as a validity mask inside those slots.
 
     τ lives in the buffer `tau` (checkpointed): the value every forward uses, and the only
-    one inference needs. With `tau_control="ema"` each training forward, after routing
-    with the current τ, measures the τ that would have kept round(N·k_l) slots on its own
-    tokens (averaged over data-parallel ranks) and moves `tau` towards it by `tau_ema`;
-    the first measurement replaces the initial τ. So the τ a batch uses depends only on
-    earlier batches, and the layer's mean kept experts per token tracks k_l as the router
-    and the budget drift (docs/lapsum-budget.md). `tau_updates` counts the measurements.
-    `tau_control="fixed"` keeps the configured τ. Eval mode never changes τ.
+    one inference needs. With `tau_control="ema"` each training forward routes with the
+    current τ and adds its candidate slots and its target round(N·k_l) to a histogram
+    (`llm.routing.tau`); after the optimizer step, `tau.end_step(model)` sums the
+    histograms over ranks and moves `tau` towards the threshold that would have kept the
+    target on the whole step, by `tau_ema` (the first step's replaces the initial τ). So
+    the τ of step s depends only on steps before s, and the layer's mean kept experts per
+    token tracks k_l as the router and the budget drift (docs/lapsum-budget.md).
+    `tau_updates` counts the updates. `tau_control="fixed"` keeps the configured τ. Eval
+    mode never counts, and τ never changes outside `end_step`.
 
     With `keep_top1`, every token's highest-p expert is kept whatever τ, so no token
     skips the layer; τ then only decides the slots after the first.
@@ -149,6 +151,7 @@ class LapSumRouter(nn.Module):
         nn.init.normal_(self.gate.weight, std=init_std)
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.register_buffer("tau_updates", torch.tensor(0, dtype=torch.long))
+        self.slot_histogram = SlotHistogram() if tau_control == "ema" else None
 
     @property
     def slots(self) -> int:
@@ -165,8 +168,8 @@ class LapSumRouter(nn.Module):
         if self.keep_top1:
             candidates[:, 0] = 2.0  # above any τ < 1
         valid = candidates > self.tau  # [N, m]
-        if self.tau_control == "ema" and self.training:
-            self._track_budget(candidates, k.detach())
+        if self.slot_histogram is not None and self.training:
+            self.slot_histogram.observe(candidates, k.detach())
         weights = top_p.masked_fill(~valid, 0.0)  # not renormalised: Σ weights ≤ k_l
         probs = p / k.to(p.dtype)  # [N, E], rows sum to 1: P_i = mean p_i / k_l (SPEC §3.3)
         lb = load_balancing_loss(probs, experts, valid)
@@ -176,24 +179,17 @@ class LapSumRouter(nn.Module):
             aux_loss=self.aux_loss_coef * lb + self.z_loss_coef * z, lb_loss=lb, z_loss=z,
         )
 
+    def step_statistics(self) -> Optional[Tensor]:
+        """This step's slot histogram (to be summed over ranks), or None when τ is fixed."""
+        return self.slot_histogram.pending() if self.slot_histogram is not None else None
+
     @torch.no_grad()
-    def _track_budget(self, candidates: Tensor, k: Tensor) -> None:
-        """Move τ towards the threshold that keeps round(N·k_l) of this batch's candidates."""
-        tau = budget_threshold(candidates, k).to(self.tau.dtype)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(tau)
-            tau /= dist.get_world_size()
+    def apply_step_statistics(self, summed: Tensor) -> None:
+        """Move τ towards the threshold that keeps the step's target (see the class docstring)."""
+        target = threshold(summed).to(self.tau.dtype)
         first = self.tau_updates == 0
-        self.tau.copy_(torch.where(first, tau, torch.lerp(self.tau, tau, self.tau_ema)))
-        self.tau_updates += 1
-
-
-def budget_threshold(candidates: Tensor, k: Tensor) -> Tensor:
-    """The τ ∈ [0, 1) at which `candidates > τ` keeps round(N·k) of the N·m candidates [N, m].
-
-    τ is the largest candidate not kept (clamped at 0: never below every p). The index is
-    computed on the device, so a GPU step does not wait for the host.
-    """
-    flat = candidates.flatten().sort(descending=True).values  # [N·m]
-    target = torch.round(candidates.shape[0] * k.to(flat.dtype)).long().clamp(max=flat.numel() - 1)
-    return flat.gather(0, target.reshape(1)).squeeze(0).clamp(min=0.0)
+        seen = summed[-1] > 0  # a step without training forwards leaves τ alone
+        self.tau.copy_(torch.where(seen, torch.where(first, target, torch.lerp(self.tau, target, self.tau_ema)),
+                                   self.tau))
+        self.tau_updates += seen.long()
+        self.slot_histogram.reset()

@@ -128,13 +128,13 @@ def _settings(cfg: Config, ignore: tuple[str, ...]) -> dict[str, Any]:
 
 def run_one(run: Run, study: Study) -> dict[str, Any]:
     """Train (or finish training) one run, evaluate it, and return its row (saved as row.json)."""
-    from llm.checkpoint import latest_checkpoint
+    from llm.checkpoint import resolve
     from llm.train import train
 
     t0 = time.time()
     train(run.cfg)
     train_seconds = time.time() - t0
-    ckpt = latest_checkpoint(run.dir)
+    ckpt = resolve(run.dir)  # the run's newest checkpoint that verifies
     row = {"run": run.name, "config": run.config, "seed": run.seed, "router": run.cfg.model.routing.router,
            "budget": run.cfg.model.routing.budget if run.cfg.model.routing.router == "lapsum" else None,
            "steps": study.steps, "checkpoint": str(ckpt), **curve_summary(run.dir)}

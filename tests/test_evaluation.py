@@ -273,6 +273,8 @@ def test_model_argument_errors(tmp_path, tokenizer_path, tok):
         LLMEvalModel(checkpoint=str(ckpt), batch_size="auto")
     with pytest.raises(EvalError, match="unknown model_args pretrained"):
         LLMEvalModel(checkpoint=str(ckpt), pretrained="gpt2")
+    with pytest.raises(EvalError, match="unknown model_args max_batch_size"):  # no automatic batch size here
+        LLMEvalModel(checkpoint=str(ckpt), max_batch_size=64)
     with pytest.raises(EvalError, match="dtype='int8'"):
         LLMEvalModel(checkpoint=str(ckpt), dtype="int8")
 

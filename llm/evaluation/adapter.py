@@ -56,7 +56,7 @@ class LLMEvalModel(TemplateLM):
     """
 
     def __init__(self, checkpoint: Optional[str] = None, batch_size: int | str = 16, device: Optional[str] = None,
-                 dtype: Optional[str] = None, max_gen_toks: int = 256, max_batch_size: Any = None, *,
+                 dtype: Optional[str] = None, max_gen_toks: int = 256, *,
                  model: Optional[torch.nn.Module] = None, tokenizer: Any = None, progress: bool = True,
                  **unknown: Any):
         super().__init__()

@@ -22,8 +22,6 @@ inside the bin.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -31,14 +29,14 @@ from torch import Tensor, nn
 _BINS = 4096  # from p = 1e-6 (a τ that low keeps every slot anyway) to 1
 
 
-@functools.lru_cache(maxsize=None)
 def edges_on(device: torch.device) -> Tensor:
     """Upper bin edges, fp32, ascending from 1e-6 to 1 (ratio 1.0034 between neighbours).
 
-    Not a buffer: DeepSpeed's bf16 mode casts every floating buffer to bf16, which would
-    merge neighbouring edges.
+    Built where they are used (4096 numbers; a constant under torch.compile), not kept in a
+    buffer: DeepSpeed's bf16 mode casts every floating buffer to bf16, which would merge
+    neighbouring edges.
     """
-    return torch.logspace(-6.0, 0.0, _BINS, dtype=torch.float64).float().to(device)
+    return torch.logspace(-6.0, 0.0, _BINS, dtype=torch.float64, device=device).float()
 
 
 class SlotHistogram(nn.Module):

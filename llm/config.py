@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class RoutingConfig:
-    """Which FFN each block gets (SPEC.md §1–4). `router: dense` means no routing."""
+    """Which FFN each block gets (docs/routing.md). `router: dense` means no routing."""
 
     router: str = "dense"
     n_experts: int = 8
@@ -37,7 +37,7 @@ class RoutingConfig:
     capacity_factor: Optional[float] = None  # None = dropless
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
-    # LapSum soft top-k with a global per-layer budget (SPEC §3)
+    # LapSum soft top-k with a global per-layer budget (docs/lapsum.md)
     k_mean: float = 1.5  # k̄: global budget K = k_mean * routed layers
     budget: str = "learned"  # learned | fixed
     alpha: float = 1.0
@@ -46,7 +46,7 @@ class RoutingConfig:
     tau_ema: float = 1.0  # weight of the newest batch's threshold in τ's moving average (1: that batch only)
     keep_top1: bool = True  # every token keeps its top expert, whatever τ
     expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
-    # SMEAR, segment-shifted (SPEC §4)
+    # SMEAR, segment-shifted (docs/smear.md)
     segment_len: int = 256
     expert_dropout: float = 0.1
     first_segment: str = "prior"  # prior (causal) | self_stopgrad (Lory, leaks)
@@ -89,7 +89,7 @@ class RoutingConfig:
                 raise ConfigError(f"model.routing.eos_id={self.eos_id}: reset_at_eos needs the EOS token id (>= 0)")
 
     def validate_budget(self, n_routed: int) -> None:
-        """SPEC §3.3: k_l = 1 + softmax(η)_l (K − L) must stay in [1, E) for any η."""
+        """docs/lapsum.md#budget: k_l = 1 + softmax(η)_l (K − L) must stay in [1, E) for any η."""
         if self.router != "lapsum":
             return
         if self.k_mean < 1:

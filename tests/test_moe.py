@@ -1,5 +1,5 @@
-"""The routed layer in a full model: causality (SPEC.md §6), batch invariance, the
-budget (§3.3), overfitting one batch, stats, configs."""
+"""The routed layer in a full model: causality (docs/routing.md#causality), batch invariance, the
+budget (docs/lapsum.md#budget), overfitting one batch, stats, configs."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Routers against the formulas of SPEC.md §2 (Switch, top-k, LB loss, z-loss) and §3.2
+"""Routers against the formulas of docs/routing.md (Switch, top-k, LB loss, z-loss) and docs/lapsum.md#truncation
 (LapSum truncation)."""
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_lapsum_cap_rounds_float64_budgets_as_exact():
 
 
 def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
-    """Truncation zeroes weights, but ∂L/∂r is dense through the threshold (SPEC §3.2)."""
+    """Truncation zeroes weights, but ∂L/∂r is dense through the threshold (docs/lapsum.md#truncation)."""
     captured = {}
     original = routers.router_logits
 

@@ -1,4 +1,4 @@
-"""SMEAR, segment-shifted (SPEC.md §4): causality, an explicit per-segment oracle, decoding."""
+"""SMEAR, segment-shifted (docs/smear.md): causality, an explicit per-segment oracle, decoding."""
 from __future__ import annotations
 
 import math
@@ -57,7 +57,7 @@ def _ids(B: int, T: int, seed: int = 0, eos_at=()) -> torch.Tensor:
     return ids
 
 
-# ------------------------------------------------------------------------- causality (SPEC §6)
+# ------------------------------------------------------------------------- causality (docs/routing.md#causality)
 
 T_CAUSAL = 30  # 3 full segments and a partial one of 6 tokens
 POSITIONS = [3, S - 1, S, 2 * S - 1, 2 * S, T_CAUSAL - 1]  # inside seg 0, both sides of boundaries, last
@@ -88,7 +88,7 @@ def test_self_stopgrad_is_flagged_as_leaking():
 # ------------------------------------------------------------------------- the oracle
 
 def _oracle(layer: SMEARLayer, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC §4 written out, one sequence and one segment at a time: build θ̄_j, run a plain FFN."""
+    """docs/smear.md#causal-shift written out, one sequence and one segment at a time: build θ̄_j, run a plain FFN."""
     ex, router = layer.experts, layer.router
     B, T, d = x.shape
     out = []

@@ -157,7 +157,7 @@ class Transformer(nn.Module):
             Block(cfg, build_ffn(cfg, i in self.route_index)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # The global LapSum budget is one object shared by all routed layers (SPEC §3.3).
+        # The global LapSum budget is one object shared by all routed layers (docs/lapsum.md#budget).
         self.budget = ExpertBudget(cfg.routing, len(routed)) if cfg.routing.router == "lapsum" else None
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -1,4 +1,4 @@
-"""Expert parallelism, applied to a built model (SPEC §2–4 with parallel.ep_size > 1).
+"""Expert parallelism, applied to a built model (docs/expert-parallel.md with parallel.ep_size > 1).
 
 Every rank builds the FULL model from the same seed (so initialisation is identical to
 ep_size = 1), then `shard_experts(model)` keeps this rank's E/ep_size experts of every
@@ -137,7 +137,7 @@ class AllToAllExchange:
 class ExpertParallelMerge:
     """SMEAR's merge θ̄_g = Σ_e w[g, e] θ_e (w [G, E] over GLOBAL experts) with sharded experts.
 
-    Two exact ways (SPEC §4), both differentiable:
+    Two exact ways (docs/expert-parallel.md#smear-merge), both differentiable:
     - gather: all-gather the layer's expert weights (each rank receives the other
       (ep−1)·E/ep experts' 3·d·f numbers), merge locally. Backward reduce-scatters the
       weight gradients to their owners.
@@ -145,7 +145,7 @@ class ExpertParallelMerge:
       rank's groups over the local experts, reduce-scatter the partial merges (each rank
       receives (ep−1)·G merged experts of 3·d·f numbers). Needs G equal on all ranks.
     `auto` picks the one that moves fewer numbers: gather when E/ep ≤ G, i.e. E ≤ ep·G
-    (SPEC's E·3df vs B·T/S·3df, with B the expert-parallel group's batch: every rank
+    (docs/expert-parallel.md#smear-merge: E·3df vs B·T/S·3df, with B the expert-parallel group's batch: every rank
     needs its own merged experts). G is compared across the group first (a tiny
     all-gather), so every rank takes the same path; unequal G always gathers.
     """

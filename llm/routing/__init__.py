@@ -1,4 +1,4 @@
-"""Routed FFN layers (SPEC.md §1–4): routers turn hidden states into expert weights;
+"""Routed FFN layers (docs/routing.md): routers turn hidden states into expert weights;
 one expert store (`Experts`) and one dispatcher serve every router."""
 from __future__ import annotations
 

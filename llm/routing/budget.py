@@ -1,4 +1,4 @@
-"""The global LapSum expert budget shared by all routed layers (SPEC.md §3.3)."""
+"""The global LapSum expert budget shared by all routed layers (docs/lapsum.md#budget)."""
 from __future__ import annotations
 
 import torch

@@ -8,7 +8,7 @@ Settings, and how they differ from our `topk` router:
 - capacity dropping is on (DeepSpeed's MoE has no dropless top-1/top-2 path that stays
   causal); capacity = ceil(ds_capacity_factor · tokens · k / E), min_capacity 0 so that
   a single decoding token still gets a slot. Dropping depends on the other tokens of the
-  micro-batch, so this baseline is not causal under capacity (SPEC §2): use it for
+  micro-batch, so this baseline is not causal under capacity (docs/routing.md#capacity): use it for
   throughput and loss comparisons, not for the causality test.
 - `use_rts=False`: overflow tokens are dropped by gate score, not at random, and
   `top2_2nd_expert_sampling=False`: the second expert is the second largest, not drawn

@@ -1,4 +1,4 @@
-"""The routed FFN layer: router + dispatcher + experts (SPEC.md §2, §3).
+"""The routed FFN layer: router + dispatcher + experts (docs/routing.md, docs/lapsum.md).
 
 `MoELayer(cfg)` fills a block's FFN slot for `router: switch | topk | lapsum`:
 `layer(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`. LapSum takes its budget k_l

@@ -1,4 +1,4 @@
-"""Routers (SPEC.md §2, §3): hidden states → chosen experts, their weights, aux losses.
+"""Routers (docs/routing.md, docs/lapsum.md): hidden states → chosen experts, their weights, aux losses.
 
 A router only decides; it moves no tokens. Every router returns a `Routing` that the
 one dispatcher (`llm.routing.dispatch`) executes, so switch, top-k and LapSum differ
@@ -7,8 +7,8 @@ in this file only.
 - `TopKRouter`: p = softmax(r); the k largest; renormalised to sum to 1 when k > 1.
   k = 1 is Switch: y = p_e E_e(x), not renormalised (otherwise the weight is always 1
   and the router would learn only from the aux loss).
-- `LapSumRouter`: p = soft_topk(r, k_l, α) with Σ_e p_e = k_l (SPEC §3.1), truncated
-  per token to the experts with p > τ, at most ceil(c·k_l) of them (SPEC §3.2), weights
+- `LapSumRouter`: p = soft_topk(r, k_l, α) with Σ_e p_e = k_l (docs/lapsum.md#operator), truncated
+  per token to the experts with p > τ, at most ceil(c·k_l) of them (docs/lapsum.md#truncation), weights
   not renormalised. The dense gradient of soft_topk still reaches dropped experts.
 
 Router logits are computed in fp32 or wider whatever the model dtype and autocast. The
@@ -60,7 +60,7 @@ def router_logits(gate: nn.Linear, x: Tensor) -> Tensor:
 
 
 def load_balancing_loss(probs: Tensor, experts: Tensor, valid: Optional[Tensor]) -> Tensor:
-    """Switch loss E · Σ_i f_i P_i (SPEC §2).
+    """Switch loss E · Σ_i f_i P_i (docs/routing.md#load-balancing).
 
     probs [N, E]: P_i is its mean over tokens; experts [N, m] with valid [N, m] (or None):
     f_i is the fraction of the routed token-slots that chose expert i (no gradient).
@@ -78,7 +78,7 @@ def z_loss(logits: Tensor) -> Tensor:
 
 
 class TopKRouter(nn.Module):
-    """Switch (k = 1) and top-k (k > 1, renormalised) routing (SPEC §2)."""
+    """Switch (k = 1) and top-k (k > 1, renormalised) routing (docs/routing.md#top-k-and-switch)."""
 
     def __init__(self, d_model: int, n_experts: int, k: int, init_std: float,
                  aux_loss_coef: float, z_loss_coef: float):
@@ -113,7 +113,7 @@ class TopKRouter(nn.Module):
 
 
 class LapSumRouter(nn.Module):
-    """LapSum soft top-k routing with truncation (SPEC §3.1–3.2).
+    """LapSum soft top-k routing with truncation (docs/lapsum.md).
 
     `k_max` bounds every k_l this layer can be given (from the budget's mode), so the
     number of slots per token m = min(E, ceil(c·k_max)) is static; the per-token cap
@@ -168,7 +168,7 @@ class LapSumRouter(nn.Module):
         if self.tau_control == "ema" and self.training:
             self._track_budget(candidates, k.detach())
         weights = top_p.masked_fill(~valid, 0.0)  # not renormalised: Σ weights ≤ k_l
-        probs = p / k.to(p.dtype)  # [N, E], rows sum to 1: P_i = mean p_i / k_l (SPEC §3.3)
+        probs = p / k.to(p.dtype)  # [N, E], rows sum to 1: P_i = mean p_i / k_l (docs/lapsum.md#load-balancing)
         lb = load_balancing_loss(probs, experts, valid)
         z = z_loss(logits)
         return Routing(

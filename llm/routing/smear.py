@@ -1,4 +1,4 @@
-"""SMEAR made causal: segment-shifted soft merging of experts (SPEC.md §4).
+"""SMEAR made causal: segment-shifted soft merging of experts (docs/smear.md).
 
 Each sequence is cut into segments of S tokens. Segment j runs through ONE SwiGLU expert
 whose parameters are the routing-weighted average of all E experts' parameters,
@@ -15,7 +15,7 @@ no past and uses a learned prior e_0 = softmax(ρ).
 Options (`model.routing`):
 - `first_segment: self_stopgrad` is Lory's choice, kept for comparison: segment 0 is routed
   on its own mean with a stop-gradient. Its forward pass sees the future of segment 0, so
-  it fails the causality test (SPEC §6), and it cannot decode incrementally.
+  it fails the causality test (docs/routing.md#causality), and it cannot decode incrementally.
 - `expert_dropout` p: in training each e_{j,i} is zeroed with probability p and the rest
   renormalised (at least one expert always survives).
 - `recompute`: merge + apply run under non-reentrant activation checkpointing, so the
@@ -189,7 +189,7 @@ class SMEARLayer(nn.Module):
     def merge(self, weights: torch.Tensor) -> Merged:
         """θ̄_g = Σ_e weights[g, e] θ_e for G routing groups; weights [G, E] over the global experts.
 
-        The one place expert parallelism plugs in (SPEC §4): a rank holding the experts
+        The one place expert parallelism plugs in (docs/expert-parallel.md#smear-merge): a rank holding the experts
         [first, first + E_local) merges its slice and the partial merges are summed across
         ranks, or the layer's experts are all-gathered first and merged locally.
         `llm.parallel.expert.shard_experts` replaces this method on each layer it shards.

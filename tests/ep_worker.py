@@ -92,7 +92,7 @@ def _compare_layer(layer_ref, layer_ep, make_ctx, store_name="experts"):
 
 def case_exchange() -> dict:
     """AllToAllExchange vs the local dispatcher: top-k dropless, switch with capacity, LapSum."""
-    from llm.routing.moe import MoELayer
+    from llm.routing import build_ffn
 
     ep = ep_mod.ExpertParallel.current()
     out = {}
@@ -105,7 +105,7 @@ def case_exchange() -> dict:
     for name, routing in variants.items():
         cfg = model_cfg(**routing)
         torch.manual_seed(0)
-        ref = MoELayer(cfg)
+        ref = build_ffn(cfg, True)
         sharded = copy.deepcopy(ref)
         holder = torch.nn.ModuleDict({"layer": sharded})
         ep_mod.shard_experts(holder, ep)

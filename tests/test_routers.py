@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-import llm.routing.routers as routers
+import llm.routing.lapsum_router as lapsum_router
 from llm.config import ModelConfig, RoutingConfig
 from llm.model import build_model
 from llm.routing.lapsum import soft_topk
-from llm.routing.routers import LapSumRouter, TopKRouter, load_balancing_loss, router_logits, z_loss
+from llm.routing.lapsum_router import LapSumRouter
+from llm.routing.routers import load_balancing_loss, router_logits, z_loss
+from llm.routing.topk import TopKRouter
 
 D, E = 16, 8
 
@@ -125,7 +127,7 @@ def test_lapsum_cap_rounds_float64_budgets_as_exact():
 def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
     """Truncation zeroes weights, but ∂L/∂r is dense through the threshold (docs/lapsum.md#truncation)."""
     captured = {}
-    original = routers.router_logits
+    original = lapsum_router.router_logits
 
     def spy(gate, x):
         logits = original(gate, x)
@@ -133,7 +135,7 @@ def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
         captured["logits"] = logits
         return logits
 
-    monkeypatch.setattr(routers, "router_logits", spy)
+    monkeypatch.setattr(lapsum_router, "router_logits", spy)
     router = _lapsum(k_max=2.0, tau=0.1, cap=1.0)  # at most ceil(1.5) = 2 of 8 experts kept
     k = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     out = router(torch.randn(16, D), k)

@@ -18,16 +18,13 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.export.layers import LayerExport
+from llm.routing import registry
 
 
 def native_architecture(cfg: ModelConfig) -> Optional[str]:
     """"llama", "mixtral", or None when only the exported modeling code reproduces the model."""
-    r = cfg.routing
-    if r.router == "dense":
-        return "llama"
-    if r.router == "topk" and r.top_k > 1 and r.every == 1 and r.capacity_factor is None:
-        return "mixtral"
-    return None
+    native = registry.get(cfg.routing.router).native_architecture
+    return native(cfg) if native is not None else None
 
 
 def native_config(cfg: ModelConfig, arch: str) -> dict:

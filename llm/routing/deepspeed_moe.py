@@ -17,8 +17,7 @@ Settings, and how they differ from our `topk` router:
 - Only the load-balancing loss (DeepSpeed's l_aux), weighted by aux_loss_coef; no z-loss.
 
 Expert parallelism: the layer is built with all E experts (same init on every rank,
-like every other layer) and `llm.parallel.expert.shard_experts` keeps this rank's
-slice; DeepSpeed's engine then hands it the expert-parallel group through
+like every other layer) and its `shard` keeps this rank's slice; DeepSpeed's engine then hands it the expert-parallel group through
 `set_deepspeed_parallelism`, which needs torch.distributed initialised. A single
 process without torch.distributed can still run it with all experts (evaluation,
 generation).
@@ -30,7 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.initialization import output_std
 from llm.routing.experts import swiglu
+from llm.routing.registry import RouterSpec, register
+
+# The expert weights' keys inside this layer's state dict: `<prefix><_EXPERTS><i>.<rest>`.
+_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
 
 
 class SwiGLUExpert(nn.Module):
@@ -74,8 +78,6 @@ class DeepSpeedMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from llm.model import output_std
-
         r = cfg.routing
         d_expert = r.d_expert or cfg.d_ff
         self.top_k = r.top_k
@@ -106,3 +108,57 @@ class DeepSpeedMoE(nn.Module):
             return {}
         counts = self._counts.float()
         return {"k": torch.tensor(float(self.top_k)), "load": counts / counts.sum().clamp(min=1)}
+
+    def shard(self, ep, merge_mode: str = "auto") -> None:
+        """Keep this rank's experts; DeepSpeed's engine hands the layer its group later.
+        `merge_mode` is for layers that merge experts; this one exchanges tokens."""
+        from llm.parallel.expert import mark_expert_params
+
+        moe = self.moe
+        inner = moe.deepspeed_moe
+        n_local = moe.num_experts // ep.size
+        first = ep.rank * n_local
+        store = inner.experts
+        store.deepspeed_experts = nn.ModuleList(list(store.deepspeed_experts)[first:first + n_local])
+        store.num_local_experts = n_local
+        for obj in (moe, inner):
+            obj.ep_size = ep.size
+            obj.num_local_experts = n_local
+        moe.expert_group_name = inner.ep_group_name = ep.group_name
+        mark_expert_params(store.parameters(), ep.size)
+        inner._set_ep_group(ep.group)
+
+    def _sharded(self) -> bool:
+        return self.moe.num_local_experts != self.moe.num_experts
+
+    def gather_expert_state(self, state: dict[str, torch.Tensor], prefix: str, ep) -> None:
+        """Under expert parallelism, rename local experts `<i>` to global ids, gathering every rank's."""
+        if not self._sharded():
+            return
+        from llm.parallel.expert import gather_rows
+
+        n_local, head = self.moe.num_local_experts, prefix + _EXPERTS
+        for key in [k for k in state if k.startswith(head)]:
+            local, rest = key[len(head):].split(".", 1)
+            gathered = gather_rows(state.pop(key)[None], ep)  # [ep, ...]: local expert `local` of each rank
+            for src in range(ep.size):
+                state[f"{head}{src * n_local + int(local)}.{rest}"] = gathered[src]
+
+    def slice_expert_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Keep this rank's experts of a global state, renamed to local ids."""
+        if not self._sharded():
+            return
+        from llm.parallel import groups
+
+        n_local, head = self.moe.num_local_experts, prefix + _EXPERTS
+        first = groups.ep_rank_world()[0] * n_local
+        for key in [k for k in state if k.startswith(head)]:
+            index, rest = key[len(head):].split(".", 1)
+            value = state.pop(key)
+            if first <= int(index) < first + n_local:
+                state[f"{head}{int(index) - first}.{rest}"] = value
+
+
+register(RouterSpec(
+    name="deepspeed_topk", layer=DeepSpeedMoE, active_experts=lambda cfg: cfg.routing.top_k,
+    export_refusal="DeepSpeed's own MoE layer drops tokens by capacity"))

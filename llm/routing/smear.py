@@ -51,7 +51,7 @@ segment (T ≤ S, or a decoding step inside a segment). The layer adds no auxili
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,9 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from llm.config import ModelConfig
+from llm.initialization import output_std
 from llm.routing.experts import Experts, swiglu
+from llm.routing.registry import ExportError, LayerExport, RouterSpec, experts_spec, export_parameters, register
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # w1, w3 [G, d, f], w2 [G, f, d]
 
@@ -167,8 +169,6 @@ class SMEARLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from llm.model import output_std
-
         r = cfg.routing
         self.segment_len = r.segment_len
         self.p_drop = r.expert_dropout
@@ -184,21 +184,22 @@ class SMEARLayer(nn.Module):
                                output_std(cfg) * widen)
         self.router = SegmentRouter(cfg.d_model, r.n_experts, cfg.norm_eps)
         self.prior = nn.Parameter(torch.zeros(r.n_experts))  # ρ; uniform at init
+        # θ̄_g = Σ_e w[g, e] θ_e for G routing groups, w [G, E] over the global experts: the one
+        # place expert parallelism plugs in (`shard` installs the cross-rank merge).
+        self.merge: Callable[[torch.Tensor], Merged] = self.experts.merged
         self.stats: dict[str, torch.Tensor] = {}
 
-    def merge(self, weights: torch.Tensor) -> Merged:
-        """θ̄_g = Σ_e weights[g, e] θ_e for G routing groups; weights [G, E] over the global experts.
+    @property
+    def n_experts(self) -> int:
+        return self.experts.n_global
 
-        The one place expert parallelism plugs in (docs/expert-parallel.md#smear-merge): a rank holding the experts
-        [first, first + E_local) merges its slice and the partial merges are summed across
-        ranks, or the layer's experts are all-gathered first and merged locally.
-        `llm.parallel.expert.shard_experts` replaces this method on each layer it shards.
-        """
-        ex = self.experts
-        if ex.n_local != ex.n_global:
-            raise RuntimeError("SMEAR with sharded experts needs the cross-rank merge that "
-                               "llm.parallel.expert.shard_experts installs")
-        return ex.merged(weights[:, ex.first:ex.first + ex.n_local])
+    def shard(self, ep, merge_mode: str = "auto") -> None:
+        """Expert parallelism (docs/expert-parallel.md#smear-merge): keep this rank's experts and
+        merge across ranks, by all-gather or reduce-scatter (`merge_mode`: auto | gather | reduce)."""
+        from llm.parallel.expert import ExpertParallelMerge, shard_store
+
+        shard_store(self.experts, ep)
+        self.merge = ExpertParallelMerge(self.experts, ep, merge_mode)
 
     def _merge_apply(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Merge the expert of every segment of x [B, T, d] (weights [B, nseg, E]) and apply it."""
@@ -323,3 +324,16 @@ class SMEARLayer(nn.Module):
             "routed_segments": n.long(),
             "prior_segments": m.numel() - n.long(),
         }
+
+
+def smear_export(ffn: nn.Module, cfg: ModelConfig, k: Optional[float] = None) -> LayerExport:
+    if ffn.first_segment != "prior":
+        raise ExportError(
+            f"model.routing.first_segment={ffn.first_segment!r} routes segment 0 on its own future "
+            f"and cannot decode incrementally: only first_segment=prior can be exported")
+    spec = {"ffn": "smear", **experts_spec(cfg), "segment_len": ffn.segment_len,
+            "norm_eps": ffn.router.norm.eps, "reset_at_eos": ffn.reset_at_eos, "eos_id": ffn.eos_id}
+    return LayerExport(spec, export_parameters(ffn))
+
+
+register(RouterSpec(name="smear", layer=SMEARLayer, active_experts=lambda cfg: 1, export=smear_export))

@@ -1,0 +1,140 @@
+"""LapSum soft top-k routing (`router: lapsum`; docs/lapsum.md, docs/lapsum-budget.md).
+
+p = soft_topk(r, k_l, α) with Σ_e p_e = k_l (docs/lapsum.md#operator), truncated per token
+to the experts with p > τ, at most ceil(c·k_l) of them (docs/lapsum.md#truncation), weights
+not renormalised. The dense gradient of soft_topk still reaches dropped experts. The
+layer's budget k_l comes from the model's `ExpertBudget` (`RouterSpec.uses_budget`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from llm.config import ModelConfig
+from llm.routing.lapsum import soft_topk
+from llm.routing.moe import MoELayer
+from llm.routing.registry import LayerExport, RouterSpec, experts_spec, export_parameters, register
+from llm.routing.routers import Routing, load_balancing_loss, router_logits, z_loss
+
+# ceil(c·k_l) with k_l from a softmax in float64 (1.5 can come out as 1.5000000000000002):
+# round down by this much first so that c·k_l = 3 keeps 3 experts, not 4.
+_CEIL_SLACK = 1e-6
+
+
+class LapSumRouter(nn.Module):
+    """LapSum soft top-k routing with truncation (docs/lapsum.md).
+
+    `k_max` bounds every k_l this layer can be given (from the budget's mode), so the
+    number of slots per token m = min(E, ceil(c·k_max)) is static; the per-token cap
+    ceil(c·k_l) with the current k_l is applied as a validity mask inside those slots.
+
+    τ lives in the buffer `tau` (checkpointed): the value every forward uses, and the only
+    one inference needs. With `tau_control="ema"` each training forward, after routing
+    with the current τ, measures the τ that would have kept round(N·k_l) slots on its own
+    tokens (averaged over data-parallel ranks) and moves `tau` towards it by `tau_ema`;
+    the first measurement replaces the initial τ. So the τ a batch uses depends only on
+    earlier batches, and the layer's mean kept experts per token tracks k_l as the router
+    and the budget drift (docs/lapsum-budget.md). `tau_updates` counts the measurements.
+    `tau_control="fixed"` keeps the configured τ. Eval mode never changes τ.
+
+    With `keep_top1`, every token's highest-p expert is kept whatever τ, so no token
+    skips the layer; τ then only decides the slots after the first.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, k_max: float, alpha: float, tau: float,
+                 expansion_cap: float, tau_control: str, tau_ema: float, keep_top1: bool,
+                 init_std: float, aux_loss_coef: float, z_loss_coef: float):
+        super().__init__()
+        if not 1 <= k_max < n_experts:
+            raise ValueError(f"LapSum routing needs 1 <= k_max < n_experts={n_experts}, got k_max={k_max}")
+        if tau_control not in ("ema", "fixed"):
+            raise ValueError(f"tau_control must be 'ema' or 'fixed', got {tau_control!r}")
+        self.n_experts = n_experts
+        self.alpha, self.expansion_cap = alpha, expansion_cap
+        self.tau_control, self.tau_ema, self.keep_top1 = tau_control, tau_ema, keep_top1
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.max_slots = min(n_experts, math.ceil(expansion_cap * k_max - _CEIL_SLACK))
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=init_std)
+        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.register_buffer("tau_updates", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def slots(self) -> int:
+        return self.max_slots
+
+    def forward(self, x: Tensor, k: Tensor) -> Routing:
+        """x: [N, d]; k: [] this layer's budget k_l (differentiable: ∂L/∂k reaches the budget)."""
+        logits = router_logits(self.gate, x)  # [N, E]
+        p = soft_topk(logits, k, self.alpha)  # [N, E], rows sum to k_l
+        top_p, experts = p.topk(self.max_slots, dim=-1)  # [N, m], descending
+        cap = torch.ceil(self.expansion_cap * k.detach() - _CEIL_SLACK)  # [] ceil(c·k_l)
+        in_cap = torch.arange(self.max_slots, device=x.device) < cap  # [m]
+        candidates = top_p.detach().masked_fill(~in_cap, -1.0)  # [N, m]: −1 is never kept
+        if self.keep_top1:
+            candidates[:, 0] = 2.0  # above any τ < 1
+        valid = candidates > self.tau  # [N, m]
+        if self.tau_control == "ema" and self.training:
+            self._track_budget(candidates, k.detach())
+        weights = top_p.masked_fill(~valid, 0.0)  # not renormalised: Σ weights ≤ k_l
+        probs = p / k.to(p.dtype)  # [N, E], rows sum to 1: P_i = mean p_i / k_l (docs/lapsum.md#load-balancing)
+        lb = load_balancing_loss(probs, experts, valid)
+        z = z_loss(logits)
+        return Routing(
+            experts=experts, weights=weights, valid=valid, probs=probs, k=k,
+            aux_loss=self.aux_loss_coef * lb + self.z_loss_coef * z, lb_loss=lb, z_loss=z,
+        )
+
+    @torch.no_grad()
+    def _track_budget(self, candidates: Tensor, k: Tensor) -> None:
+        """Move τ towards the threshold that keeps round(N·k_l) of this batch's candidates."""
+        tau = budget_threshold(candidates, k).to(self.tau.dtype)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(tau)
+            tau /= dist.get_world_size()
+        first = self.tau_updates == 0
+        self.tau.copy_(torch.where(first, tau, torch.lerp(self.tau, tau, self.tau_ema)))
+        self.tau_updates += 1
+
+
+def budget_threshold(candidates: Tensor, k: Tensor) -> Tensor:
+    """The τ ∈ [0, 1) at which `candidates > τ` keeps round(N·k) of the N·m candidates [N, m].
+
+    τ is the largest candidate not kept (clamped at 0: never below every p). The index is
+    computed on the device, so a GPU step does not wait for the host.
+    """
+    flat = candidates.flatten().sort(descending=True).values  # [N·m]
+    target = torch.round(candidates.shape[0] * k.to(flat.dtype)).long().clamp(max=flat.numel() - 1)
+    return flat.gather(0, target.reshape(1)).squeeze(0).clamp(min=0.0)
+
+
+def max_budget(cfg: ModelConfig) -> float:
+    """The largest k_l the budget can give one layer: k̄ when fixed, 1 + (K − L) when learned."""
+    r = cfg.routing
+    n_routed = max(1, len(cfg.routed_layers()))
+    return r.k_mean if r.budget == "fixed" else 1.0 + (r.k_mean - 1.0) * n_routed
+
+
+def lapsum_layer(cfg: ModelConfig) -> MoELayer:
+    r = cfg.routing
+    router = LapSumRouter(cfg.d_model, r.n_experts, k_max=max_budget(cfg), alpha=r.alpha, tau=r.tau,
+                          expansion_cap=r.expansion_cap, tau_control=r.tau_control, tau_ema=r.tau_ema,
+                          keep_top1=r.keep_top1, init_std=cfg.init_std, aux_loss_coef=r.aux_loss_coef,
+                          z_loss_coef=r.z_loss_coef)
+    return MoELayer(cfg, router)
+
+
+def lapsum_export(ffn: nn.Module, cfg: ModelConfig, k: Optional[float]) -> LayerExport:
+    """k_l (from the model's budget) and τ (a router buffer) are baked into the entry."""
+    router = ffn.router
+    spec = {"ffn": "lapsum", **experts_spec(cfg), "k": k, "alpha": router.alpha,
+            "tau": float(router.tau), "expansion_cap": router.expansion_cap}
+    return LayerExport(spec, export_parameters(ffn))
+
+
+register(RouterSpec(name="lapsum", layer=lapsum_layer, active_experts=lambda cfg: cfg.routing.k_mean,
+                    export=lapsum_export, uses_budget=True))

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llm.config import Config, ConfigError, load_config
+from llm.config import Config, ConfigError, load_saved_config
 
 log = logging.getLogger("llm")
 
@@ -152,7 +152,7 @@ def verify(ckpt: str | Path) -> Optional[str]:
     except (CheckpointError, KeyError, TypeError, ValueError) as err:
         return f"trainer.json is not readable ({_first_line(err)})"
     try:
-        load_config(ckpt / "config.yaml")
+        load_saved_config(ckpt / "config.yaml")
     except ConfigError as err:
         return f"config.yaml is not readable ({_first_line(err)})"
     return None
@@ -335,7 +335,7 @@ def check_resumable(cfg: Config, ckpt: Path, world_size: int) -> dict[str, Any]:
     from llm.config import to_dict
 
     state = read_trainer_state(ckpt)
-    saved = _flatten(to_dict(load_config(ckpt / "config.yaml").model), "model.")
+    saved = _flatten(to_dict(load_saved_config(ckpt / "config.yaml").model), "model.")
     now = _flatten(to_dict(cfg)["model"], "model.")
     changed = [k for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k) and k != "model.attention"]  # the kernel may change
@@ -352,7 +352,7 @@ def check_optimizer_topology(cfg: Config, ckpt: Path, state: dict[str, Any], wor
     """What restores across topologies: model weights always (model.pt names experts
     globally); DeepSpeed's optimizer state only onto the same ZeRO stage and ep_size, and
     under ZeRO 1/2 also the same world size (it is partitioned over the ranks)."""
-    saved_zero = load_config(ckpt / "config.yaml").parallel.zero_stage
+    saved_zero = load_saved_config(ckpt / "config.yaml").parallel.zero_stage
     saved = (state.get("world_size"), state.get("ep_size", 1), saved_zero)
     now = (world_size, cfg.parallel.ep_size, cfg.parallel.zero_stage)
     same = saved[1:] == now[1:] and (now[2] == 0 or saved[0] == now[0])
@@ -502,7 +502,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from llm.model import build_model
 
     ckpt = resolve(path)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = load_saved_config(ckpt / "config.yaml")
     model = build_model(cfg.model)
     state = load_weights(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -207,14 +207,12 @@ class RoutingTally:
 
 def global_budget(cfg: "Config") -> Optional[float]:
     """K: Σ_l k_l over the routed layers (k̄ · L for LapSum, top_k · L for top-k); None for SMEAR."""
-    r, n = cfg.model.routing, len(cfg.model.routed_layers())
-    if r.router == "lapsum":
-        return r.k_mean * n
-    if r.router in ("topk", "deepspeed_topk"):
-        return float(r.top_k * n)
-    if r.router == "switch":
-        return float(n)
-    return None
+    from llm.routing import registry
+
+    spec = registry.get(cfg.model.routing.router)
+    if not spec.selects_experts:
+        return None
+    return float(spec.active_experts(cfg.model) * len(cfg.model.routed_layers()))
 
 
 def check_routed(cfg: "Config", where: Path) -> None:
@@ -257,10 +255,10 @@ def measure(model: torch.nn.Module, batches: Iterable[torch.Tensor], n_experts: 
 def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[int] = None,
                        device: Optional[str] = None) -> dict[str, Any]:
     """The routing report of one checkpoint (a dict; README.md "Inspecting routing" has the schema)."""
-    from llm.config import load_config
+    from llm.config import load_saved_config
 
     ckpt = resolve(path)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = load_saved_config(ckpt / "config.yaml")
     check_routed(cfg, ckpt)  # both checks before building the model
     directory, inputs = data_batches(cfg, ckpt, split, batches or cfg.train.eval_batches)
     loaded = load_model(ckpt, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -283,7 +281,7 @@ def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[i
         "router": r.router,
         "K": K,
         "k_mean": K / len(rows) if K is not None else None,
-        "budget": r.budget if r.router == "lapsum" else None,
+        "budget": getattr(r.options, "budget", None),
         "n_experts": r.n_experts,
         "capacity_factor": r.capacity_factor if r.router in ("switch", "topk", "lapsum") else None,
         "data": split,

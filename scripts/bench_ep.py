@@ -35,15 +35,15 @@ def build_variants(args) -> dict[str, tuple[torch.nn.Module, str]]:
 
     def cfg(router: str, **routing) -> ModelConfig:
         c = ModelConfig(d_model=args.d_model, n_heads=4, d_ff=args.d_expert, max_seq_len=args.seq_len,
-                        routing=RoutingConfig(router=router, n_experts=args.experts, **routing))
+                        routing=RoutingConfig.build(router, n_experts=args.experts, **routing))
         c.validate()
         return c
 
     ep = ExpertParallel.current()
     layers = {
-        "topk (ours, dropless)": cfg("topk", top_k=2),
-        f"topk (ours, capacity {args.capacity})": cfg("topk", top_k=2, capacity_factor=args.capacity),
-        f"deepspeed_topk (capacity {args.capacity})": cfg("deepspeed_topk", top_k=2, ds_capacity_factor=args.capacity),
+        "topk (ours, dropless)": cfg("topk", k=2),
+        f"topk (ours, capacity {args.capacity})": cfg("topk", k=2, capacity_factor=args.capacity),
+        f"deepspeed_topk (capacity {args.capacity})": cfg("deepspeed_topk", deepspeed_topk=dict(k=2, capacity_factor=args.capacity)),
         f"smear (S={args.segment})": cfg("smear", segment_len=args.segment, expert_dropout=0.0),
     }
     variants = {}

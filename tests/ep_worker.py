@@ -33,7 +33,7 @@ D, F_, E, B, T, VOCAB = 16, 32, 4, 2, 16, 64
 def model_cfg(router: str, **routing) -> ModelConfig:
     routing.setdefault("n_experts", E)
     cfg = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, d_ff=F_, max_seq_len=T,
-                      routing=RoutingConfig(router=router, **routing))
+                      routing=RoutingConfig.build(router, **routing))
     cfg.validate()
     return cfg
 
@@ -97,9 +97,9 @@ def case_exchange() -> dict:
     ep = ep_mod.ExpertParallel.current()
     out = {}
     variants = {
-        "topk": dict(router="topk", top_k=2),
+        "topk": dict(router="topk", k=2),
         "switch_capacity": dict(router="switch", capacity_factor=1.0),
-        "topk_capacity": dict(router="topk", top_k=2, capacity_factor=0.75),
+        "topk_capacity": dict(router="topk", k=2, capacity_factor=0.75),
         "lapsum": dict(router="lapsum", k_mean=1.5, tau=0.05, budget="fixed"),
     }
     for name, routing in variants.items():
@@ -218,10 +218,10 @@ def budget_check(budgets, total: float) -> dict:
 def case_train() -> dict:
     """ep_size 2 vs 1 under DeepSpeed: losses and grad norms over 5 steps, per router and ZeRO stage."""
     routers = {
-        "topk": dict(top_k=2),
+        "topk": dict(k=2),
         "lapsum": dict(k_mean=1.5, tau=0.05),
         "smear": dict(segment_len=4, expert_dropout=0.1),
-        "deepspeed_topk": dict(top_k=2, ds_capacity_factor=2.0),
+        "deepspeed_topk": dict(deepspeed_topk=dict(k=2, capacity_factor=2.0)),
     }
     runs = [(r, 0, "fp32") for r in routers] + [("topk", 1, "fp32"), ("topk", 2, "fp32"), ("topk", 0, "bf16")]
     out = {}
@@ -236,7 +236,7 @@ def case_train() -> dict:
             if ds_norms:
                 res[f"ep{ep_size}"]["deepspeed_fp32_norms"] = ds_norms
             if budgets:
-                res[f"ep{ep_size}"]["budget"] = budget_check(budgets, cfg.model.routing.k_mean * 2)
+                res[f"ep{ep_size}"]["budget"] = budget_check(budgets, cfg.model.routing.options.k_mean * 2)
             if ep_size == 2 and zero == 0 and dtype == "fp32":
                 res["roundtrip"] = roundtrip(engine.module, cfg)
             del engine

@@ -19,7 +19,7 @@ ROUTERS = ["dense", "switch", "topk", "lapsum", "smear"]
 
 
 def routed_model(router: str, n_layers: int = 2, **train) -> torch.nn.Module:
-    routing = RoutingConfig(router=router, n_experts=4, segment_len=4)
+    routing = RoutingConfig.build(router, n_experts=4, **({"segment_len": 4} if router == "smear" else {}))
     cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=n_layers, n_heads=2, d_ff=32, max_seq_len=16,
                       routing=routing)
     cfg.validate()

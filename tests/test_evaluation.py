@@ -32,7 +32,7 @@ VOCAB = 512
 MAX_LEN = 64
 ROUTERS = {
     "dense": dict(router="dense"),
-    "topk": dict(router="topk", n_experts=4, top_k=2),
+    "topk": dict(router="topk", n_experts=4, k=2),
     "lapsum": dict(router="lapsum", n_experts=4, k_mean=1.5),
     "smear": dict(router="smear", n_experts=4, segment_len=16),
 }
@@ -62,7 +62,7 @@ def tok(tokenizer_path) -> Tokenizer:
 
 def model_config(router: str, vocab: int = VOCAB, **model) -> ModelConfig:
     cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=MAX_LEN,
-                      init_std=0.1, routing=RoutingConfig(**ROUTERS[router]), **model)
+                      init_std=0.1, routing=RoutingConfig.build(**ROUTERS[router]), **model)
     cfg.validate()
     return cfg
 

@@ -147,7 +147,7 @@ def test_deepspeed_moe_needs_torch_distributed():
     from llm.routing.deepspeed_moe import DeepSpeedMoE
 
     cfg = ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32,
-                      routing=RoutingConfig(router="deepspeed_topk", n_experts=4, top_k=2))
+                      routing=RoutingConfig.build("deepspeed_topk", n_experts=4, k=2))
     layer = DeepSpeedMoE(cfg)
     y, aux = layer(torch.randn(2, 8, 16))  # a single process runs all experts (eval, generation)
     assert y.shape == (2, 8, 16) and aux.item() > 0
@@ -162,7 +162,7 @@ def ep_workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep_train")
     make_corpus(root / "corpus.jsonl")
     cfg = json.loads(json.dumps(TINY))
-    cfg["model"]["routing"] = {"router": "topk", "n_experts": 4, "top_k": 2}
+    cfg["model"]["routing"] = {"router": "topk", "n_experts": 4, "topk": {"k": 2}}
     cfg["data"].update(corpus=[str(root / "corpus.jsonl")], cache_dir=str(root / "cache"))
     cfg["train"].update(max_steps=STEPS, save_every=STEPS // 2, eval_every=STEPS // 2)
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))

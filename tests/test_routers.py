@@ -218,7 +218,7 @@ def test_router_parameter_names_avoid_the_word_expert():
     """DeepSpeed treats any parameter named *expert* as an expert parameter."""
     for router in ("switch", "topk", "lapsum"):
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16,
-                          routing=RoutingConfig(router=router, n_experts=4, d_expert=32))
+                          routing=RoutingConfig.build(router, n_experts=4, d_expert=32))
         cfg.validate()
         names = [n for n, _ in build_model(cfg).named_parameters()]
         assert any(".router.gate." in n for n in names)

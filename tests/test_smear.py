@@ -24,7 +24,7 @@ def _cfg(**routing) -> ModelConfig:
     r = dict(router="smear", n_experts=4, segment_len=S, expert_dropout=0.1)
     r.update(routing)
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64,
-                      routing=RoutingConfig(**r))
+                      routing=RoutingConfig.build(**r))
     cfg.validate()
     return cfg
 
@@ -257,7 +257,7 @@ def test_router_init_and_configs():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.model.routing.router == "smear"
     with pytest.raises(ConfigError, match="eos_id"):
-        load_config(CONFIGS / "tiny-smear.yaml", ["model.routing.reset_at_eos=true", "model.routing.eos_id=-1"])
+        load_config(CONFIGS / "tiny-smear.yaml", ["model.routing.smear.reset_at_eos=true", "model.routing.smear.eos_id=-1"])
 
 
 @pytest.mark.parametrize("n_experts", [4, 16])

@@ -51,7 +51,7 @@ def native_config(cfg: ModelConfig, arch: str) -> dict:
     r = cfg.routing
     return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **common,
             "intermediate_size": r.d_expert or cfg.d_ff, "num_local_experts": r.n_experts,
-            "num_experts_per_tok": r.top_k, "sliding_window": None, "router_aux_loss_coef": r.aux_loss_coef,
+            "num_experts_per_tok": r.options.k, "sliding_window": None, "router_aux_loss_coef": r.aux_loss_coef,
             "output_router_logits": False}
 
 

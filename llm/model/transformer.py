@@ -16,7 +16,7 @@ from torch import nn
 from llm.config import ModelConfig
 from llm.initialization import output_std
 from llm.model.loss import chunked_cross_entropy
-from llm.routing import ExpertBudget, build_ffn, registry
+from llm.routing import build_ffn, registry
 
 try:  # optional: flash-attn 2, GPU only
     from flash_attn import flash_attn_func
@@ -158,7 +158,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # The global LapSum budget is one object shared by all routed layers (docs/lapsum.md#budget).
-        self.budget = ExpertBudget(cfg.routing, len(routed)) if registry.get(cfg.routing.router).uses_budget else None
+        make_budget = registry.get(cfg.routing.router).budget
+        self.budget = make_budget(cfg, len(routed)) if make_budget is not None else None
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -6,7 +6,7 @@ under expert parallelism) with our SwiGLU experts, in the decoder's FFN slot:
 
 Settings, and how they differ from our `topk` router:
 - capacity dropping is on (DeepSpeed's MoE has no dropless top-1/top-2 path that stays
-  causal); capacity = ceil(ds_capacity_factor · tokens · k / E), min_capacity 0 so that
+  causal); capacity = ceil(capacity_factor · tokens · k / E) (model.routing.deepspeed_topk), min_capacity 0 so that
   a single decoding token still gets a slot. Dropping depends on the other tokens of the
   micro-batch, so this baseline is not causal under capacity (docs/routing.md#capacity): use it for
   throughput and loss comparisons, not for the causality test.
@@ -24,17 +24,33 @@ generation).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from llm.config import ModelConfig
+from llm.config import ConfigError, ModelConfig, RouterOptions
 from llm.initialization import output_std
 from llm.routing.experts import swiglu
 from llm.routing.registry import RouterSpec, register
 
 # The expert weights' keys inside this layer's state dict: `<prefix><_EXPERTS><i>.<rest>`.
 _EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
+
+
+@dataclass
+class DeepSpeedTopKConfig(RouterOptions):
+    """model.routing.deepspeed_topk."""
+
+    k: int = 2  # experts per token
+    capacity_factor: float = 1.25  # DeepSpeed's capacity: ceil(capacity_factor · tokens · k / E)
+    flat_names = {"top_k": "k", "ds_capacity_factor": "capacity_factor"}
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        n_experts = model.routing.n_experts
+        if not 1 <= self.k <= n_experts:
+            raise ConfigError(f"{key}.k={self.k}: expected 1 <= k <= model.routing.n_experts={n_experts}")
 
 
 class SwiGLUExpert(nn.Module):
@@ -78,13 +94,13 @@ class DeepSpeedMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        r = cfg.routing
+        r, o = cfg.routing, cfg.routing.options
         d_expert = r.d_expert or cfg.d_ff
-        self.top_k = r.top_k
+        self.top_k = o.k
         self.aux_loss_coef = r.aux_loss_coef
         self.moe = _deepspeed_moe_class()(
             hidden_size=cfg.d_model, expert=SwiGLUExpert(cfg.d_model, d_expert), num_experts=r.n_experts,
-            ep_size=1, k=r.top_k, capacity_factor=r.ds_capacity_factor, eval_capacity_factor=r.ds_capacity_factor,
+            ep_size=1, k=o.k, capacity_factor=o.capacity_factor, eval_capacity_factor=o.capacity_factor,
             min_capacity=0, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
         # DeepSpeed deep-copies one expert E times: give each its own draw, in expert order.
         for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:
@@ -160,5 +176,6 @@ class DeepSpeedMoE(nn.Module):
 
 
 register(RouterSpec(
-    name="deepspeed_topk", layer=DeepSpeedMoE, active_experts=lambda cfg: cfg.routing.top_k,
+    name="deepspeed_topk", layer=DeepSpeedMoE, active_experts=lambda cfg: cfg.routing.options.k,
+    options=DeepSpeedTopKConfig, capacity=lambda cfg: cfg.routing.options.capacity_factor,
     export_refusal="DeepSpeed's own MoE layer drops tokens by capacity"))

@@ -31,4 +31,4 @@ def dense_export(ffn: nn.Module, cfg: ModelConfig, k=None) -> LayerExport:
 
 
 register(RouterSpec(name="dense", layer=DenseFFN, active_experts=lambda cfg: 0, export=dense_export,
-                    native_architecture=lambda cfg: "llama", routed=False))
+                    native_architecture=lambda cfg: "llama", capacity=lambda cfg: None, routed=False))

@@ -3,18 +3,20 @@
 p = soft_topk(r, k_l, α) with Σ_e p_e = k_l (docs/lapsum.md#operator), truncated per token
 to the experts with p > τ, at most ceil(c·k_l) of them (docs/lapsum.md#truncation), weights
 not renormalised. The dense gradient of soft_topk still reaches dropped experts. The
-layer's budget k_l comes from the model's `ExpertBudget` (`RouterSpec.uses_budget`).
+layer's budget k_l comes from the model's `ExpertBudget` (`RouterSpec.budget`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from llm.config import ModelConfig
+from llm.config import ConfigError, ModelConfig, RouterOptions, _choice
+from llm.routing.budget import ExpertBudget
 from llm.routing.lapsum import soft_topk
 from llm.routing.moe import MoELayer
 from llm.routing.registry import LayerExport, RouterSpec, experts_spec, export_parameters, register
@@ -23,6 +25,44 @@ from llm.routing.routers import Routing, load_balancing_loss, router_logits, z_l
 # ceil(c·k_l) with k_l from a softmax in float64 (1.5 can come out as 1.5000000000000002):
 # round down by this much first so that c·k_l = 3 keeps 3 experts, not 4.
 _CEIL_SLACK = 1e-6
+
+
+@dataclass
+class LapSumConfig(RouterOptions):
+    """model.routing.lapsum: soft top-k with a global per-layer budget (docs/lapsum.md)."""
+
+    k_mean: float = 1.5  # k̄: global budget K = k_mean * routed layers
+    budget: str = "learned"  # learned | fixed
+    alpha: float = 1.0
+    tau: float = 0.01  # truncation threshold on p (the initial one under tau_control: ema)
+    tau_control: str = "ema"  # ema: τ tracks mean kept experts ≈ k_l from past batches | fixed
+    tau_ema: float = 1.0  # weight of the newest batch's threshold in τ's moving average (1: that batch only)
+    keep_top1: bool = True  # every token keeps its top expert, whatever τ
+    expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        _choice(f"{key}.budget", self.budget, ("learned", "fixed"))
+        if self.alpha <= 0:
+            raise ConfigError(f"{key}.alpha={self.alpha}: expected > 0")
+        if not 0 <= self.tau < 1:
+            raise ConfigError(f"{key}.tau={self.tau}: expected 0 <= tau < 1")
+        if self.expansion_cap < 1:
+            raise ConfigError(f"{key}.expansion_cap={self.expansion_cap}: expected >= 1")
+        _choice(f"{key}.tau_control", self.tau_control, ("ema", "fixed"))
+        if not 0 < self.tau_ema <= 1:
+            raise ConfigError(f"{key}.tau_ema={self.tau_ema}: expected 0 < tau_ema <= 1")
+        self._validate_budget(model, key)
+
+    def _validate_budget(self, model: ModelConfig, key: str) -> None:
+        """docs/lapsum.md#budget: k_l = 1 + softmax(η)_l (K − L) must stay in [1, E) for any η."""
+        if self.k_mean < 1:
+            raise ConfigError(f"{key}.k_mean={self.k_mean}: expected >= 1 (every layer keeps k_l >= 1)")
+        n_routed, n_experts = len(model.routed_layers()), model.routing.n_experts
+        worst = self.k_mean if self.budget == "fixed" else 1 + (self.k_mean - 1) * n_routed
+        if worst >= n_experts:
+            raise ConfigError(
+                f"{key}.k_mean={self.k_mean} with {n_routed} routed layers allows k_l up to {worst:g}, "
+                f"expected < n_experts={n_experts} (lower k_mean, add experts, or use budget: fixed)")
 
 
 class LapSumRouter(nn.Module):
@@ -114,18 +154,18 @@ def budget_threshold(candidates: Tensor, k: Tensor) -> Tensor:
 
 def max_budget(cfg: ModelConfig) -> float:
     """The largest k_l the budget can give one layer: k̄ when fixed, 1 + (K − L) when learned."""
-    r = cfg.routing
+    o = cfg.routing.options
     n_routed = max(1, len(cfg.routed_layers()))
-    return r.k_mean if r.budget == "fixed" else 1.0 + (r.k_mean - 1.0) * n_routed
+    return o.k_mean if o.budget == "fixed" else 1.0 + (o.k_mean - 1.0) * n_routed
 
 
 def lapsum_layer(cfg: ModelConfig) -> MoELayer:
-    r = cfg.routing
-    router = LapSumRouter(cfg.d_model, r.n_experts, k_max=max_budget(cfg), alpha=r.alpha, tau=r.tau,
-                          expansion_cap=r.expansion_cap, tau_control=r.tau_control, tau_ema=r.tau_ema,
-                          keep_top1=r.keep_top1, init_std=cfg.init_std, aux_loss_coef=r.aux_loss_coef,
+    r, o = cfg.routing, cfg.routing.options
+    router = LapSumRouter(cfg.d_model, r.n_experts, k_max=max_budget(cfg), alpha=o.alpha, tau=o.tau,
+                          expansion_cap=o.expansion_cap, tau_control=o.tau_control, tau_ema=o.tau_ema,
+                          keep_top1=o.keep_top1, init_std=cfg.init_std, aux_loss_coef=r.aux_loss_coef,
                           z_loss_coef=r.z_loss_coef)
-    return MoELayer(cfg, router)
+    return MoELayer(cfg, router, k_default=o.k_mean)
 
 
 def lapsum_export(ffn: nn.Module, cfg: ModelConfig, k: Optional[float]) -> LayerExport:
@@ -136,5 +176,7 @@ def lapsum_export(ffn: nn.Module, cfg: ModelConfig, k: Optional[float]) -> Layer
     return LayerExport(spec, export_parameters(ffn))
 
 
-register(RouterSpec(name="lapsum", layer=lapsum_layer, active_experts=lambda cfg: cfg.routing.k_mean,
-                    export=lapsum_export, uses_budget=True))
+register(RouterSpec(name="lapsum", layer=lapsum_layer, active_experts=lambda cfg: cfg.routing.options.k_mean,
+                    options=LapSumConfig, export=lapsum_export,
+                    budget=lambda cfg, n: ExpertBudget(cfg.routing.options.k_mean,
+                                                       cfg.routing.options.budget == "learned", n)))

@@ -37,13 +37,15 @@ from llm.routing.experts import Experts
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, router: nn.Module):
+    def __init__(self, cfg: ModelConfig, router: nn.Module, k_default: Optional[float] = None):
         super().__init__()
         r = cfg.routing
         self.router = router
         self.experts = Experts(r.n_experts, cfg.d_model, r.d_expert or cfg.d_ff, cfg.init_std, output_std(cfg))
         self.dispatcher = Dispatcher(r.n_experts, r.capacity_factor)
-        self.register_buffer("k_default", torch.tensor(r.k_mean, dtype=torch.float64), persistent=False)
+        # The budget a router with one (LapSum) uses when the model passes none; others ignore k.
+        self.register_buffer("k_default", None if k_default is None else torch.tensor(k_default, dtype=torch.float64),
+                             persistent=False)
         self._last: Optional[tuple[dict[str, Tensor], DispatchInfo, int, int]] = None
 
     @property

@@ -55,6 +55,7 @@ RouterExport = Callable[[nn.Module, "ModelConfig", Optional[float]], LayerExport
 class RouterSpec:
     """What the rest of the code needs to know about one router.
 
+    `options` is the router's own config section, read from `cfg.routing.options`.
     `layer(cfg)` builds the FFN of one routed block: a module with
     `forward(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`, a `stats` property and,
     when `routed`, `n_experts` and `shard(ep, merge_mode)` (docs/expert-parallel.md#sharding).
@@ -66,13 +67,21 @@ class RouterSpec:
     name: str
     layer: Callable[["ModelConfig"], nn.Module]
     active_experts: Callable[["ModelConfig"], float]
+    options: Optional[type] = None  # dataclass (a `RouterOptions`) of model.routing.<name>; None = no options
     export: Optional[RouterExport] = None
     export_refusal: str = ""
     # The transformers class that holds this model natively ("llama", "mixtral"), or None when
     # only the exported modeling code reproduces it.
     native_architecture: Optional[Callable[["ModelConfig"], Optional[str]]] = None
+    # The expert capacity factor in force (tokens then compete across the batch), or None when dropless.
+    capacity: Callable[["ModelConfig"], Optional[float]] = lambda cfg: cfg.routing.capacity_factor
+    # Why this configuration reads later tokens (evaluation refuses to decode it and warns), or None.
+    future_leak: Callable[["ModelConfig"], Optional[str]] = lambda cfg: None
+    selects_experts: bool = True  # each token runs a chosen few experts (False: SMEAR merges them)
     routed: bool = True  # False: the dense baseline, no routed layers at all
-    uses_budget: bool = False  # the model holds an `ExpertBudget` and passes k_l in `ctx.k`
+    # (cfg, routed layers) -> the model's global budget (an `ExpertBudget`), whose k_l the model
+    # passes to each routed layer in `ctx.k`; None = no budget.
+    budget: Optional[Callable[["ModelConfig", int], nn.Module]] = None
 
 
 _REGISTRY: dict[str, RouterSpec] = {}

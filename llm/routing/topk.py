@@ -6,15 +6,29 @@ learn only from the aux loss).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from llm.config import ModelConfig
+from llm.config import ConfigError, ModelConfig, RouterOptions
 from llm.routing.moe import MoELayer
 from llm.routing.registry import LayerExport, RouterSpec, experts_spec, export_parameters, register
 from llm.routing.routers import Routing, load_balancing_loss, router_logits, z_loss
+
+
+@dataclass
+class TopKConfig(RouterOptions):
+    """model.routing.topk."""
+
+    k: int = 2  # experts per token
+    flat_names = {"top_k": "k"}
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        n_experts = model.routing.n_experts
+        if not 1 <= self.k <= n_experts:
+            raise ConfigError(f"{key}.k={self.k}: expected 1 <= k <= model.routing.n_experts={n_experts}")
 
 
 class TopKRouter(nn.Module):
@@ -69,9 +83,9 @@ register(RouterSpec(name="switch", layer=lambda cfg: topk_layer(cfg, 1), active_
 def mixtral_compatible(cfg: ModelConfig) -> Optional[str]:
     """Mixtral's router is softmax → top-k → renormalise, in every block, dropless."""
     r = cfg.routing
-    return "mixtral" if r.top_k > 1 and r.every == 1 and r.capacity_factor is None else None
+    return "mixtral" if r.options.k > 1 and r.every == 1 and r.capacity_factor is None else None
 
 
-register(RouterSpec(name="topk", layer=lambda cfg: topk_layer(cfg, cfg.routing.top_k),
-                    active_experts=lambda cfg: cfg.routing.top_k, export=topk_export,
+register(RouterSpec(name="topk", layer=lambda cfg: topk_layer(cfg, cfg.routing.options.k),
+                    active_experts=lambda cfg: cfg.routing.options.k, options=TopKConfig, export=topk_export,
                     native_architecture=mixtral_compatible))

@@ -256,7 +256,7 @@ def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     path = weights_file(ckpt)
     try:
         if path.name == LEGACY_WEIGHTS:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return migrate_state(torch.load(path, map_location="cpu", weights_only=True))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -268,6 +268,19 @@ def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not readable: {_first_line(err)}") from None
     for name, target in aliases.items():
         state[name] = state[target]
+    return migrate_state(state)
+
+
+# Buffers that checkpoints of earlier versions hold under another name: old suffix -> (new suffix, conversion).
+# LapSum's τ controller counted whether τ had been calibrated (a bool) before it counted its updates.
+_RENAMED_STATE = {".router.tau_calibrated": (".router.tau_updates", lambda t: t.long())}
+
+
+def migrate_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved state dict of any earlier version under today's names (see `config.migrate_saved`)."""
+    for old, (new, convert) in _RENAMED_STATE.items():
+        for key in [k for k in state if k.endswith(old)]:
+            state[key[:-len(old)] + new] = convert(state.pop(key))
     return state
 
 

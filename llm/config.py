@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,6 +291,9 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "run"
+    # Python modules imported before anything else is read (plug-in routers register themselves):
+    # found on sys.path, with the current directory first (README "Adding a router").
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -463,7 +469,19 @@ def _scalar(item: str) -> Any:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
+    import_modules(_coerce(list[str], raw.get("imports", []), "imports"))
     return _build(Config, raw, "")
+
+
+def import_modules(modules: typing.Sequence[str]) -> None:
+    """Import the config's `imports`, the current directory first on the search path."""
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"imports: cannot import {module} ({err})") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -526,6 +544,8 @@ def _build_routing(raw: Any, prefix: str) -> RoutingConfig:
     for key in raw:
         if key in shared or key == router and section is not None:
             continue
+        if key == router:
+            raise ConfigError(f"{prefix}{key}: router {key} has no options of its own")
         if key in registry.names():
             raise ConfigError(f"{prefix}{key}: options of router {key}, but {prefix}router is {router}")
         raise ConfigError(f"unknown key {prefix}{key}{_routing_hint(key, prefix, shared, router)}")

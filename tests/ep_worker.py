@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import examples.hash_router  # noqa: E402,F401  (registers the plug-in router "hash")
 from llm.config import Config, ModelConfig, ParallelConfig, RoutingConfig, TrainConfig  # noqa: E402
 from llm.parallel import expert as ep_mod  # noqa: E402
 from llm.parallel import groups  # noqa: E402
@@ -222,6 +223,7 @@ def case_train() -> dict:
         "lapsum": dict(k_mean=1.5, tau=0.05),
         "smear": dict(segment_len=4, expert_dropout=0.1),
         "deepspeed_topk": dict(deepspeed_topk=dict(k=2, capacity_factor=2.0)),
+        "hash": dict(seed=1),
     }
     runs = [(r, 0, "fp32") for r in routers] + [("topk", 1, "fp32"), ("topk", 2, "fp32"), ("topk", 0, "bf16")]
     out = {}

@@ -24,7 +24,7 @@ from llm.parallel import groups
 from tests.test_train import REPO, TINY, env, free_port, make_corpus, ok, run, train_losses, val_losses
 
 STEPS = 6
-ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk"]
+ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk", "hash"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_ep2_trains_like_ep1(ep, router):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["topk", "lapsum", "smear"])
+@pytest.mark.parametrize("router", ["topk", "lapsum", "smear", "hash"])
 def test_expert_gradients_reduced_within_expert_data_parallel_group(ep, router):
     """After DeepSpeed's reduction (`allreduce=False` parameters: only within the
     expert-data-parallel group, divided by the whole data-parallel world) every rank's

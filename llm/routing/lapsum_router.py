@@ -107,8 +107,9 @@ class LapSumRouter(nn.Module):
     def slots(self) -> int:
         return self.max_slots
 
-    def forward(self, x: Tensor, k: Tensor) -> Routing:
-        """x: [N, d]; k: [] this layer's budget k_l (differentiable: ∂L/∂k reaches the budget)."""
+    def forward(self, x: Tensor, k: Tensor, ctx=None) -> Routing:
+        """x: [N, d]; k: [] this layer's budget k_l (differentiable: ∂L/∂k reaches the budget).
+        The block's `ctx` is not needed."""
         logits = router_logits(self.gate, x)  # [N, E]
         p = soft_topk(logits, k, self.alpha)  # [N, E], rows sum to k_l
         top_p, experts = p.topk(self.max_slots, dim=-1)  # [N, m], descending

@@ -2,7 +2,8 @@
 
 `MoELayer(cfg, router)` fills a block's FFN slot for every router that returns a `Routing`
 (`llm.routing.topk`, `llm.routing.lapsum_router`, plug-ins):
-`layer(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`. A router with a budget (LapSum)
+`layer(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`. The router is called as
+`router(x [B·T, d], k, ctx) -> Routing` (ctx: the block's `FFNContext`, with the token ids). A router with a budget (LapSum)
 takes its k_l from `ctx.k` (the model's `ExpertBudget`); called without one it uses k_mean.
 
 After every forward, `layer.stats` describes that call, as detached tensors on the
@@ -63,7 +64,7 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, ctx=None) -> tuple[Tensor, Tensor]:
         B, T, d = x.shape
         k = ctx.k if ctx is not None and ctx.k is not None else self.k_default
-        routing = self.router(x.reshape(B * T, d), k)
+        routing = self.router(x.reshape(B * T, d), k, ctx)
         y, info = self.dispatcher(x, routing, self.experts)
         # Detached views (no copies): the stats never hold on to the autograd graph.
         self._last = ({name: getattr(routing, name).detach() for name in ("k", "probs", "lb_loss", "z_loss")},

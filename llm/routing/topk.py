@@ -50,8 +50,8 @@ class TopKRouter(nn.Module):
         """Slots per token in the `Routing` this router returns."""
         return self.top_k
 
-    def forward(self, x: Tensor, k: Optional[Tensor] = None) -> Routing:
-        """x: [N, d]. `k` is ignored (top-k has a fixed budget)."""
+    def forward(self, x: Tensor, k: Optional[Tensor] = None, ctx=None) -> Routing:
+        """x: [N, d]. `k` is ignored (top-k has a fixed budget), and so is the block's `ctx`."""
         logits = router_logits(self.gate, x)  # [N, E]
         probs = logits.softmax(-1)  # [N, E]
         weights, experts = probs.topk(self.top_k, dim=-1)  # [N, k]

@@ -1,0 +1,126 @@
+"""The router contract: the registry, model.routing as a tagged union, configs and checkpoints
+of earlier versions, `imports:`, and the Hash Layers plug-in (examples/hash_router.py)."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llm.checkpoint import load_model
+from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config, load_saved_config
+from llm.model import build_model
+from llm.routing import registry
+from llm.routing.experts import swiglu
+from tests.causality import assert_causal
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD = Path(__file__).parent / "fixtures" / "checkpoint-f6c83b5"  # `llm train` at commit f6c83b5: flat routing keys
+
+
+def error(overrides: list[str], path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_every_builtin_router_is_registered_and_builds():
+    assert set(registry.names()) >= {"dense", "switch", "topk", "lapsum", "smear", "deepspeed_topk"}
+    with pytest.raises(KeyError, match="did you mean lapsum"):
+        registry.get("lapsun")
+    for name in ("switch", "topk", "lapsum", "smear"):
+        cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16,
+                          routing=RoutingConfig.build(name, n_experts=4))
+        cfg.validate()
+        layer = build_model(cfg).blocks[0].ffn
+        assert layer.n_experts == 4 and callable(layer.shard)
+
+
+def test_a_second_router_under_a_taken_name_is_refused():
+    spec = registry.get("topk")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.RouterSpec(name="topk", layer=lambda cfg: None, active_experts=spec.active_experts))
+    assert registry.get("topk") is spec
+
+
+def test_options_of_another_router_are_one_line_errors():
+    lapsum = ["model.routing.router=lapsum", "model.routing.n_experts=4"]
+    assert error([*lapsum, "model.routing.topk.k=2"]) == (
+        "model.routing.topk: options of router topk, but model.routing.router is lapsum")
+    assert error([*lapsum, "model.routing.top_k=2"]).startswith(
+        "unknown key model.routing.top_k; it is an option of router topk")
+    assert error([*lapsum, "model.routing.lapsum.top_k=2"]).startswith("unknown key model.routing.lapsum.top_k")
+    assert error(["model.routing.router=switch", "model.routing.switch.k=2"]) == (
+        "model.routing.switch: router switch has no options of its own")
+    assert error(["model.routing.router=lapsum", "model.routing.n_experts=4", "model.routing.lapsum.tau=1.5"]) == (
+        "model.routing.lapsum.tau=1.5: expected 0 <= tau < 1")
+    cfg = load_config(None, [*lapsum, "model.routing.lapsum.k_mean=1.25", "model.routing.lapsum.budget=fixed"])
+    assert (cfg.model.routing.options.k_mean, cfg.model.routing.options.budget) == (1.25, "fixed")
+
+
+def test_checkpoint_from_before_the_sections_loads(tmp_path):
+    """Flat routing keys, removed keys (calibrate_tau, data.streaming) and LapSum's old
+    `tau_calibrated` buffer in a legacy model.pt: the config moves into model.routing.lapsum
+    and every saved tensor reaches the model unchanged."""
+    raw = yaml.safe_load((OLD / "config.yaml").read_text())
+    flat = raw["model"]["routing"]
+    assert "k_mean" in flat and "calibrate_tau" in flat and "lapsum" not in flat  # really the old layout
+    loaded = load_model(OLD)
+    options = loaded.config.model.routing.options
+    for key in ("k_mean", "budget", "alpha", "tau", "expansion_cap"):
+        assert getattr(options, key) == flat[key], key
+    assert loaded.config.model.routing.n_experts == flat["n_experts"]
+    saved = torch.load(OLD / "model.pt", weights_only=True)
+    state = loaded.model.state_dict()
+    for key, value in saved.items():
+        if key.endswith("tau_calibrated"):
+            assert state[key.replace("tau_calibrated", "tau_updates")].item() == int(value.item())
+        else:
+            assert torch.equal(state[key], value), key
+    again = tmp_path / "ckpt"
+    shutil.copytree(OLD, again)
+    (again / "config.yaml").write_text(yaml.safe_dump(raw | {"model": raw["model"] | {"routing": {**flat, "x": 1}}}))
+    with pytest.raises(ConfigError, match="unknown key model.routing.x"):
+        load_saved_config(again / "config.yaml")
+
+
+def test_imports_that_do_not_import_are_one_line_errors(tmp_path):
+    assert error(["imports=[examples.no_such_router]"]) == (
+        "imports: cannot import examples.no_such_router (No module named 'examples.no_such_router')")
+
+
+# ---------------------------------------------------------------------------- the Hash Layers plug-in
+
+def hash_model(n_layers: int = 2) -> torch.nn.Module:
+    cfg = load_config(ROOT / "configs" / "tiny-hash.yaml", [
+        "model.vocab_size=50", "model.d_model=16", "model.n_heads=2", "model.d_ff=24", "model.routing.d_expert=24",
+        f"model.n_layers={n_layers}", "model.max_seq_len=32", "data.seq_len=32", "model.routing.n_experts=4"]).model
+    torch.manual_seed(0)
+    return build_model(cfg).double()
+
+
+def test_hash_layer_runs_each_token_through_its_hashed_expert():
+    """Oracle: a float64 loop over tokens, expert = Knuth hash of the id, weight 1."""
+    from examples.hash_router import hashed_expert
+
+    layer = hash_model().blocks[0].ffn
+    ids = torch.randint(0, 50, (2, 9))
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y, aux = layer(x, type("Ctx", (), {"input_ids": ids, "k": None})())
+    ex = layer.experts
+    for b in range(2):
+        for t in range(9):
+            e = int((int(ids[b, t]) * 2654435761 % 2 ** 32) % 4)
+            assert e == int(hashed_expert(ids[b, t], 4, 0))
+            torch.testing.assert_close(y[b, t], swiglu(x[b, t], ex.w1[e], ex.w3[e], ex.w2[e]), rtol=1e-12, atol=1e-12)
+    assert aux.item() == 0.0
+    load = layer.stats["load"]
+    assert math.isclose(load.sum().item(), 1.0) and layer.stats["active_mean"].item() == 1.0
+
+
+def test_hash_router_is_causal():
+    model = hash_model(n_layers=3)
+    assert_causal(model, torch.randint(0, 50, (2, 20)), [0, 7, 19], 50)

@@ -39,6 +39,7 @@ import torch
 from llm.checkpoint import CheckpointError, is_checkpoint_dir, list_checkpoints, load_model, resolve
 from llm.config import ConfigError
 from llm.monitor import Callback
+from llm.routing import registry
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm")
 
-SPARSE_ROUTERS = ("switch", "topk", "lapsum", "deepspeed_topk")
-ROUTED = SPARSE_ROUTERS + ("smear",)
 LAYER_FIELDS = ("layer", "k", "k_share", "active_mean", "active_gap", "no_expert", "active_p50", "active_p90",
                 "active_hist", "tokens",
                 "load", "load_min", "load_max", "load_cv", "dropped", "entropy", "tau",
@@ -207,8 +206,6 @@ class RoutingTally:
 
 def global_budget(cfg: "Config") -> Optional[float]:
     """K: Σ_l k_l over the routed layers (k̄ · L for LapSum, top_k · L for top-k); None for SMEAR."""
-    from llm.routing import registry
-
     spec = registry.get(cfg.model.routing.router)
     if not spec.selects_experts:
         return None
@@ -217,9 +214,10 @@ def global_budget(cfg: "Config") -> Optional[float]:
 
 def check_routed(cfg: "Config", where: Path) -> None:
     router = cfg.model.routing.router
-    if router not in ROUTED:
+    if not cfg.model.routing.routed:
+        routed = [name for name in registry.names() if registry.get(name).routed]
         raise CheckpointError(f"{where}: model.routing.router is {router}, a model without routed layers; "
-                              f"llm inspect needs a routed checkpoint ({', '.join(ROUTED)})")
+                              f"llm inspect needs a routed checkpoint ({', '.join(routed)})")
 
 
 def data_batches(cfg: "Config", ckpt: Path, split: str, n: int) -> tuple[Path, list[torch.Tensor]]:
@@ -263,7 +261,7 @@ def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[i
     directory, inputs = data_batches(cfg, ckpt, split, batches or cfg.train.eval_batches)
     loaded = load_model(ckpt, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     r = cfg.model.routing
-    if r.router == "deepspeed_topk":
+    if registry.get(r.router).needs_process_group:
         from llm.parallel import init_distributed
 
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints; stdout is the report
@@ -283,7 +281,7 @@ def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[i
         "k_mean": K / len(rows) if K is not None else None,
         "budget": getattr(r.options, "budget", None),
         "n_experts": r.n_experts,
-        "capacity_factor": r.capacity_factor if r.router in ("switch", "topk", "lapsum") else None,
+        "capacity_factor": registry.get(r.router).capacity(cfg.model),
         "data": split,
         "data_dir": str(directory),
         "batches": len(inputs),

@@ -174,9 +174,9 @@ def parameters(ckpt: Path) -> dict[str, Any]:
 
 def routing(ckpt: Path, cfg: Config) -> dict[str, Any]:
     """Mean experts computed per token over the routed layers, and LapSum's k_l, from `llm inspect`."""
-    from llm.inspection import ROUTED, inspect_checkpoint
+    from llm.inspection import inspect_checkpoint
 
-    if cfg.model.routing.router not in ROUTED:
+    if not cfg.model.routing.routed:
         return {"active_experts": None, "k_per_layer": None}
     layers = inspect_checkpoint(ckpt)["layers"]
     active = [layer["active_mean"] for layer in layers if layer["active_mean"] is not None]

@@ -124,3 +124,39 @@ def test_hash_layer_runs_each_token_through_its_hashed_expert():
 def test_hash_router_is_causal():
     model = hash_model(n_layers=3)
     assert_causal(model, torch.randint(0, 50, (2, 20)), [0, 7, 19], 50)
+
+
+def test_hash_plugin_trains_inspects_evaluates_and_export_refuses(tmp_path):
+    """`llm train` with `imports:`, then the checkpoint alone brings the plug-in back: `llm inspect`,
+    `llm eval --text` (against a direct forward of `load_model`), `llm export` (one-line refusal)."""
+    import json
+
+    from tests.test_train import TINY, make_corpus, ok, run
+
+    make_corpus(tmp_path / "corpus.jsonl", n_docs=40)
+    cfg = json.loads(json.dumps(TINY))
+    cfg["imports"] = ["examples.hash_router"]
+    cfg["model"]["routing"] = {"router": "hash", "n_experts": 4, "d_expert": 32, "hash": {"seed": 3}}
+    cfg["data"].update(corpus=[str(tmp_path / "corpus.jsonl")], cache_dir=str(tmp_path / "cache"))
+    cfg["train"].update(max_steps=4, save_every=4, eval_every=4, out_dir=str(tmp_path / "run"))
+    (tmp_path / "hash.yaml").write_text(yaml.safe_dump(cfg))
+    ok(run("train", "hash.yaml", cwd=tmp_path))
+    report = json.loads(ok(run("inspect", "run", "--json", "--batches", "2", cwd=tmp_path)).stdout)
+    assert report["router"] == "hash" and len(report["layers"]) == 2
+    assert all(layer["active_mean"] == 1.0 for layer in report["layers"])  # one hashed expert per token
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("the small cat sees the old dog.")
+    ok(run("eval", "run", "--text", str(text), "--out", str(tmp_path / "eval.json"), cwd=tmp_path))
+    (scores,) = json.loads((tmp_path / "eval.json").read_text())["results"].values()
+    loaded = load_model(tmp_path / "run")  # imports the plug-in again, from the checkpoint's config
+    tokens = loaded.tokenizer.encode(text.read_text())
+    ids = torch.tensor([[loaded.tokenizer.eos_id] + tokens])  # the first token is conditioned on EOS
+    with torch.no_grad():
+        logits = loaded.model(ids).logits[0, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="mean").item()
+    assert scores["token_perplexity,none"] == pytest.approx(math.exp(nll), rel=1e-4)
+
+    refused = run("export", "run", str(tmp_path / "hf"), cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip().startswith(
+        "error: model.routing.router='hash' cannot be exported")

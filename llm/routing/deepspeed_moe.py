@@ -177,5 +177,5 @@ class DeepSpeedMoE(nn.Module):
 
 register(RouterSpec(
     name="deepspeed_topk", layer=DeepSpeedMoE, active_experts=lambda cfg: cfg.routing.options.k,
-    options=DeepSpeedTopKConfig, capacity=lambda cfg: cfg.routing.options.capacity_factor,
+    options=DeepSpeedTopKConfig, capacity=lambda cfg: cfg.routing.options.capacity_factor, needs_process_group=True,
     export_refusal="DeepSpeed's own MoE layer drops tokens by capacity"))

@@ -78,6 +78,7 @@ class RouterSpec:
     # Why this configuration reads later tokens (evaluation refuses to decode it and warns), or None.
     future_leak: Callable[["ModelConfig"], Optional[str]] = lambda cfg: None
     selects_experts: bool = True  # each token runs a chosen few experts (False: SMEAR merges them)
+    needs_process_group: bool = False  # the layer needs torch.distributed initialised, even in one process
     routed: bool = True  # False: the dense baseline, no routed layers at all
     # (cfg, routed layers) -> the model's global budget (an `ExpertBudget`), whose k_l the model
     # passes to each routed layer in `ctx.k`; None = no budget.

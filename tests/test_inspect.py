@@ -1,4 +1,4 @@
-"""`llm inspect` and the routing-statistics callback (llm/inspection.py).
+"""`llm inspect` and the routing-statistics callback (llm/inspection/).
 
 Every number the report gives is recomputed here from first principles on the same
 batches: budgets from the checkpoint's η, active experts and loads from the captured

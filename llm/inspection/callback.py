@@ -8,10 +8,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from llm.inspection.measure import global_budget
-from llm.inspection.report import over_time_quantity, summary_line
+from llm.inspection.measure import global_budget, layer_kind
+from llm.inspection.report import MERGE, over_time_quantity, summary_line
 from llm.inspection.statistics import RoutingTally
 from llm.monitor import Callback
+from llm.routing import registry
 
 log = logging.getLogger("llm")
 
@@ -45,7 +46,8 @@ class RoutingStatsCallback(Callback):
             return
         cfg = trainer.cfg
         self._K = global_budget(cfg)
-        self._router = cfg.model.routing.router
+        self._kind = layer_kind(cfg)
+        self._budgeted = registry.get(cfg.model.routing.router).budget is not None
         self._layers = sorted(model.route_index)
         self._n_experts = cfg.model.routing.n_experts
         for j, ffn in enumerate(ffns):
@@ -70,8 +72,8 @@ class RoutingStatsCallback(Callback):
             rows = self._tally.rows(self._K)
             trainer.log(step, self.scalars(rows))
             if hasattr(trainer, "monitor"):
-                trainer.monitor.message(f"step {step}: routing {summary_line(self._router, rows)}")
-            self._log_tables(step, self._router, rows)
+                trainer.monitor.message(f"step {step}: routing {summary_line(self._kind, rows)}")
+            self._log_tables(step, self._kind, self._budgeted, rows)
         self._arm(step + 1)
 
     def on_train_end(self, trainer, summary: dict[str, Any]) -> None:
@@ -93,19 +95,19 @@ class RoutingStatsCallback(Callback):
         return out
 
     @staticmethod
-    def _log_tables(step: int, router: str, rows: list[dict[str, Any]]) -> None:
+    def _log_tables(step: int, kind: str, budgeted: bool, rows: list[dict[str, Any]]) -> None:
         """A per-layer wandb.Table and bar chart, when this process has a wandb run (rank 0)."""
         wandb = sys.modules.get("wandb")  # imported by the Monitor only when wandb logging is on
         if wandb is None or wandb.run is None:
             return
-        smear = router == "smear"
-        cols = ["layer", "entropy", "max_weight"] if smear else \
+        merge = kind == MERGE
+        cols = ["layer", "entropy", "max_weight"] if merge else \
             ["layer", "k", "k_share", "active_mean", "active_gap", "no_expert", "active_p90", "load_cv", "dropped",
              "entropy"]
         table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
-        per_expert = wandb.Table(columns=["layer", "expert", "merge_weight" if smear else "load"], data=[
-            [r["layer"], e, v] for r in rows for e, v in enumerate((r["merge_weights"] if smear else r["load"]) or [])])
-        y, title = over_time_quantity(router)
+        per_expert = wandb.Table(columns=["layer", "expert", "merge_weight" if merge else "load"], data=[
+            [r["layer"], e, v] for r in rows for e, v in enumerate((r["merge_weights"] if merge else r["load"]) or [])])
+        y, title = over_time_quantity(kind, budgeted)
         wandb.run.log({
             "routing/layers": table,
             "routing/experts": per_expert,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import torch
 
 from llm.checkpoint import CheckpointError, is_checkpoint_dir, list_checkpoints, load_model, resolve
+from llm.inspection.report import MERGE, SELECT
 from llm.inspection.statistics import RoutingTally
 from llm.routing import registry
 
@@ -22,6 +23,11 @@ def global_budget(cfg: "Config") -> Optional[float]:
     if not spec.selects_experts:
         return None
     return float(spec.active_experts(cfg.model) * len(cfg.model.routed_layers()))
+
+
+def layer_kind(cfg: "Config") -> str:
+    """`select` when each token runs a few chosen experts, `merge` when the layers merge them all."""
+    return SELECT if registry.get(cfg.model.routing.router).selects_experts else MERGE
 
 
 def check_routed(cfg: "Config", where: Path) -> None:
@@ -89,6 +95,7 @@ def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[i
         "checkpoint": str(ckpt),
         "step": loaded.step,
         "router": r.router,
+        "kind": layer_kind(cfg),
         "K": K,
         "k_mean": K / len(rows) if K is not None else None,
         "budget": getattr(r.options, "budget", None),

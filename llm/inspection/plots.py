@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from llm.inspection.report import over_time_quantity
+from llm.inspection.report import MERGE, over_time_quantity
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +40,7 @@ def plot_budget(report: dict[str, Any]) -> "Figure":
     active = [r["active_mean"] for r in rows]
     has_active = all(a is not None for a in active)
     width = 0.4 if has_active else 0.7
-    k_label = "budget $k_l$" if report["router"] == "lapsum" else "top_k"
+    k_label = "budget $k_l$" if report["budget"] is not None else "top_k"
     bars = ax.bar(x - (width / 2 if has_active else 0), k, width, label=k_label, color="tab:blue")
     ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
     if has_active:
@@ -164,7 +164,7 @@ def plot_entropy(report: dict[str, Any]) -> "Figure":
 
 def plot_over_time(reports: list[dict[str, Any]]) -> "Figure":
     """One line per layer across the checkpoints of a run (k_l, SMEAR entropy or load CV)."""
-    key, label = over_time_quantity(reports[0]["router"])
+    key, label = over_time_quantity(reports[0]["kind"], reports[0]["budget"] is not None)
     steps = [rep["step"] for rep in reports]
     layers = [r["layer"] for r in reports[0]["layers"]]
     fig = _figure(7, 4.5)
@@ -197,7 +197,7 @@ def _colormap(name: str):
 
 def figures(report: dict[str, Any]) -> dict[str, "Figure"]:
     """The figures of one report, by file stem."""
-    if report["router"] == "smear":
+    if report["kind"] == MERGE:
         return {"merge_weights": plot_merge_weights(report), "entropy": plot_entropy(report)}
     figs = {"budget": plot_budget(report)}
     if any(r["active_hist"] for r in report["layers"]):

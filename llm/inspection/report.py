@@ -13,7 +13,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{len(rows)} routed layers, {report['n_experts']} experts each; "
             f"{report['batches']} {report['data']} batches, {report['tokens']:,} tokens")
     lines = [head]
-    if report["router"] == "smear":
+    if report["kind"] == MERGE:
         E = report["n_experts"]
         cols = ["layer", "entropy", "max_w"] + [f"e{i}" for i in range(E)]
         table = [[r["layer"], _f(r["entropy"], 3), _f(r["max_weight"], 3)]
@@ -36,29 +36,34 @@ def format_report(report: dict[str, Any]) -> str:
 
 def format_over_time(reports: list[dict[str, Any]]) -> str:
     """One row per checkpoint: the headline quantity of each layer (k_l, entropy or load CV)."""
-    key, label = over_time_quantity(reports[0]["router"])
+    key, label = over_time_quantity(reports[0]["kind"], reports[0]["budget"] is not None)
     layers = [r["layer"] for r in reports[0]["layers"]]
     cols = ["step"] + [f"L{layer}" for layer in layers]
     table = [[rep["step"]] + [_f(r[key], 3) for r in rep["layers"]] for rep in reports]
     return f"{label} per layer across {len(reports)} checkpoints\n" + _table(cols, table)
 
 
-def over_time_quantity(router: str) -> tuple[str, str]:
+# `kind` of a report whose layers merge every expert (SMEAR): merge weights instead of loads.
+MERGE = "merge"
+SELECT = "select"
+
+
+def over_time_quantity(kind: str, budgeted: bool) -> tuple[str, str]:
     """What --over-time follows: the learned budget, or what changes for fixed-k routers."""
-    if router == "lapsum":
+    if budgeted:
         return "k", "budget k_l"
-    if router == "smear":
+    if kind == MERGE:
         return "entropy", "merge-weight entropy (nats)"
     return "load_cv", "expert load CV"
 
 
-def summary_line(router: str, rows: list[dict[str, Any]]) -> str:
+def summary_line(kind: str, rows: list[dict[str, Any]]) -> str:
     """Compact console form: `k=[1.2 1.4 1.9] active=1.6 cv=0.31` (entropies for SMEAR)."""
     def mean(key):
         vals = [r[key] for r in rows if r[key] is not None]
         return sum(vals) / len(vals) if vals else None
 
-    if router == "smear":
+    if kind == MERGE:
         parts = ["H=[" + " ".join(_f(r["entropy"], 2) for r in rows) + "]", f"max_w={_f(mean('max_weight'), 2)}"]
     else:
         parts = ["k=[" + " ".join(_f(r["k"], 2) for r in rows) + "]"]

@@ -20,11 +20,12 @@ from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llm.checkpoint import write_model_files
-from llm.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, ParallelConfig, RoutingConfig
+from llm.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, ParallelConfig
 from llm.data import Tokenizer
 from llm.data.prepare import SPM_OPTIONS
 from llm.evaluation import EvalCallback, EvalError, LLMEvalModel, local_tasks, resolve_tasks, run_eval, task_config
 from llm.model import build_model
+from tests.models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "eval" / "sample"
@@ -61,10 +62,8 @@ def tok(tokenizer_path) -> Tokenizer:
 
 
 def model_config(router: str, vocab: int = VOCAB, **model) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=MAX_LEN,
-                      init_std=0.1, routing=RoutingConfig.build(**ROUTERS[router]), **model)
-    cfg.validate()
-    return cfg
+    return tiny_config(vocab_size=vocab, d_model=64, d_ff=128, max_seq_len=MAX_LEN, init_std=0.1,
+                       **ROUTERS[router], **model)
 
 
 def make_model(router: str, seed: int = 0) -> torch.nn.Module:

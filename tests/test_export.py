@@ -17,10 +17,11 @@ import torch
 
 from llm.checkpoint import load_model
 from llm.cli import main as cli_main
-from llm.config import Config, DataConfig, ModelConfig, RoutingConfig
+from llm.config import Config, DataConfig
 from llm.data import Tokenizer
 from llm.export import ExportError, export
 from llm.export.convert import MODELING_FILE
+from tests.models import tiny_config
 from tests.test_evaluation import ROOT, SAMPLE, VOCAB, sample_texts, tokenizer_path  # noqa: F401 (a fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -57,9 +58,7 @@ def write_random_checkpoint(ckpt: Path, tokenizer_path: Path, routing: dict, n_l
     """A randomly initialised checkpoint with sharp routing (the default router init routes
     almost uniformly, which would hide a wrong expert choice or a wrong k_l)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, d_ff=64, max_seq_len=MAX_LEN,
-                      init_std=0.1, routing=RoutingConfig.build(**routing), **model)
-    cfg.validate()
+    cfg = tiny_config(vocab_size=VOCAB, n_layers=n_layers, max_seq_len=MAX_LEN, init_std=0.1, **routing, **model)
     return bench.save_random_checkpoint(Config(model=cfg, data=DataConfig(seq_len=MAX_LEN)), ckpt, tokenizer_path,
                                         sharpen_routing=True)
 

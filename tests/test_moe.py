@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config
+from llm.config import ConfigError, load_config
 from llm.model import build_model
 from llm.routing.moe import MoELayer
 from tests.causality import assert_causal
+from tests.models import tiny_model
 
 VOCAB, T = 64, 16
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -19,11 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def tiny(router: str, seed: int = 0, **routing) -> torch.nn.Module:
     routing = {"n_experts": 8, "d_expert": 32, **routing}
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=2, d_ff=64, max_seq_len=32,
-                      routing=RoutingConfig.build(router, **routing))
-    cfg.validate()
-    torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = tiny_model(router, seed, vocab_size=VOCAB, n_layers=3, n_heads=2, **routing)
     # A sharper router than the init, so routing really differs between tokens.
     for ffn in model.routed_ffns():
         torch.nn.init.normal_(ffn.router.gate.weight, std=0.3)

@@ -11,11 +11,12 @@ import torch
 import yaml
 
 from llm.checkpoint import load_model
-from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config, load_saved_config
+from llm.config import ConfigError, load_config, load_saved_config
 from llm.model import build_model
 from llm.routing import registry
 from llm.routing.experts import swiglu
 from tests.causality import assert_causal
+from tests.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD = Path(__file__).parent / "fixtures" / "checkpoint-f6c83b5"  # `llm train` at commit f6c83b5: flat routing keys
@@ -32,10 +33,7 @@ def test_every_builtin_router_is_registered_and_builds():
     with pytest.raises(KeyError, match="did you mean lapsum"):
         registry.get("lapsun")
     for name in ("switch", "topk", "lapsum", "smear"):
-        cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16,
-                          routing=RoutingConfig.build(name, n_experts=4))
-        cfg.validate()
-        layer = build_model(cfg).blocks[0].ffn
+        layer = tiny_model(name, d_model=16, n_heads=2, d_ff=32, max_seq_len=16, n_experts=4).blocks[0].ffn
         assert layer.n_experts == 4 and callable(layer.shard)
 
 

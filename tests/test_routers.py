@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import llm.routing.lapsum_router as lapsum_router
-from llm.config import ModelConfig, RoutingConfig
 from llm.model import build_model
 from llm.routing.lapsum import soft_topk
 from llm.routing.lapsum_router import LapSumRouter
 from llm.routing.routers import load_balancing_loss, router_logits, z_loss
 from llm.routing.topk import TopKRouter
+from tests.models import tiny_config
 
 D, E = 16, 8
 
@@ -217,9 +217,7 @@ def test_router_logits_stay_fp32_under_bf16_autocast_and_float64_stays_float64()
 def test_router_parameter_names_avoid_the_word_expert():
     """DeepSpeed treats any parameter named *expert* as an expert parameter."""
     for router in ("switch", "topk", "lapsum"):
-        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16,
-                          routing=RoutingConfig.build(router, n_experts=4, d_expert=32))
-        cfg.validate()
+        cfg = tiny_config(router, n_heads=2, max_seq_len=16, n_experts=4, d_expert=32)
         names = [n for n, _ in build_model(cfg).named_parameters()]
         assert any(".router.gate." in n for n in names)
         for name in names:

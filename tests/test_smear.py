@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config
+from llm.config import ConfigError, ModelConfig, load_config
 from llm.model import FFNContext, build_model
 from llm.routing.dense import DenseFFN
 from llm.routing.smear import SMEARLayer
 from tests.causality import assert_causal, causal_leak
+from tests.models import tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 S = 8  # segment length of the small test models
@@ -23,10 +24,7 @@ EOS = 2
 def _cfg(**routing) -> ModelConfig:
     r = dict(router="smear", n_experts=4, segment_len=S, expert_dropout=0.1)
     r.update(routing)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64,
-                      routing=RoutingConfig.build(**r))
-    cfg.validate()
-    return cfg
+    return tiny_config(vocab_size=VOCAB, d_ff=48, max_seq_len=64, **r)
 
 
 def _sharpen(module: torch.nn.Module, seed: int = 0) -> None:

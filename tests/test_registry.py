@@ -90,6 +90,19 @@ def test_imports_that_do_not_import_are_one_line_errors(tmp_path):
         "imports: cannot import examples.no_such_router (No module named 'examples.no_such_router')")
 
 
+def test_imports_are_found_in_the_current_directory(tmp_path, monkeypatch):
+    """A module next to the user's config registers its router before model.routing is read."""
+    (tmp_path / "cwd_router.py").write_text(
+        "from llm.routing.dense import DenseFFN\n"
+        "from llm.routing.registry import RouterSpec, register\n"
+        "register(RouterSpec(name='cwd_dense', layer=DenseFFN, active_experts=lambda cfg: 0, routed=False))\n")
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["imports=[cwd_router]", "model.routing.router=cwd_dense"])
+    assert cfg.imports == ["cwd_router"] and cfg.model.routed_layers() == []
+    assert registry.get("cwd_dense").layer.__name__ == "DenseFFN"
+
+
 # ---------------------------------------------------------------------------- the Hash Layers plug-in
 
 def hash_model(n_layers: int = 2) -> torch.nn.Module:

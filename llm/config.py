@@ -20,6 +20,9 @@ from typing import Any, Optional
 
 import yaml
 
+DEFAULT_ROUTER = "dense"  # the baseline without routed layers (llm/routing/dense.py)
+
+
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the key."""
 
@@ -46,7 +49,7 @@ class RoutingConfig:
     router (`llm.routing.registry`); the keys here are shared by every router, the router's own
     options are its section `model.routing.<router>` (`options`). `router: dense` means no routing."""
 
-    router: str = "dense"
+    router: str = DEFAULT_ROUTER
     n_experts: int = 8
     d_expert: int = 0  # hidden size of one expert; 0 = model.d_ff
     every: int = 1  # route every n-th block (blocks every-1, 2*every-1, ...), dense elsewhere
@@ -394,7 +397,7 @@ def _migrate_flat_routing(routing: dict[str, Any]) -> dict[str, Any]:
     names = registry.names()
     if all(key in shared or key in names for key in routing):
         return routing
-    router = routing.get("router", "dense")
+    router = routing.get("router", DEFAULT_ROUTER)
     out = {key: value for key, value in routing.items() if key in shared or key in names}
     own = out.setdefault(router, {}) if _router_section(router) is not None else {}
     for name in names:
@@ -537,7 +540,7 @@ def _build_routing(raw: Any, prefix: str) -> RoutingConfig:
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {raw!r}")
-    router = _coerce(str, raw.get("router", "dense"), f"{prefix}router")
+    router = _coerce(str, raw.get("router", DEFAULT_ROUTER), f"{prefix}router")
     _choice(f"{prefix}router", router, registry.names())
     shared = {f.name for f in dataclasses.fields(RoutingConfig)} - {"options"}
     section = registry.get(router).options

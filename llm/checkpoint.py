@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llm.config import Config, ConfigError, load_config
+from llm.config import Config, ConfigError, load_saved_config
 
 log = logging.getLogger("llm")
 
@@ -152,7 +152,7 @@ def verify(ckpt: str | Path) -> Optional[str]:
     except (CheckpointError, KeyError, TypeError, ValueError) as err:
         return f"trainer.json is not readable ({_first_line(err)})"
     try:
-        load_config(ckpt / "config.yaml")
+        load_saved_config(ckpt / "config.yaml")
     except ConfigError as err:
         return f"config.yaml is not readable ({_first_line(err)})"
     return None
@@ -256,7 +256,7 @@ def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     path = weights_file(ckpt)
     try:
         if path.name == LEGACY_WEIGHTS:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return migrate_state(torch.load(path, map_location="cpu", weights_only=True))
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -268,6 +268,19 @@ def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not readable: {_first_line(err)}") from None
     for name, target in aliases.items():
         state[name] = state[target]
+    return migrate_state(state)
+
+
+# Buffers that checkpoints of earlier versions hold under another name: old suffix -> (new suffix, conversion).
+# LapSum's τ controller counted whether τ had been calibrated (a bool) before it counted its updates.
+_RENAMED_STATE = {".router.tau_calibrated": (".router.tau_updates", lambda t: t.long())}
+
+
+def migrate_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved state dict of any earlier version under today's names (see `config.migrate_saved`)."""
+    for old, (new, convert) in _RENAMED_STATE.items():
+        for key in [k for k in state if k.endswith(old)]:
+            state[key[:-len(old)] + new] = convert(state.pop(key))
     return state
 
 
@@ -335,7 +348,7 @@ def check_resumable(cfg: Config, ckpt: Path, world_size: int) -> dict[str, Any]:
     from llm.config import to_dict
 
     state = read_trainer_state(ckpt)
-    saved = _flatten(to_dict(load_config(ckpt / "config.yaml").model), "model.")
+    saved = _flatten(to_dict(load_saved_config(ckpt / "config.yaml").model), "model.")
     now = _flatten(to_dict(cfg)["model"], "model.")
     changed = [k for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k) and k != "model.attention"]  # the kernel may change
@@ -352,7 +365,7 @@ def check_optimizer_topology(cfg: Config, ckpt: Path, state: dict[str, Any], wor
     """What restores across topologies: model weights always (model.pt names experts
     globally); DeepSpeed's optimizer state only onto the same ZeRO stage and ep_size, and
     under ZeRO 1/2 also the same world size (it is partitioned over the ranks)."""
-    saved_zero = load_config(ckpt / "config.yaml").parallel.zero_stage
+    saved_zero = load_saved_config(ckpt / "config.yaml").parallel.zero_stage
     saved = (state.get("world_size"), state.get("ep_size", 1), saved_zero)
     now = (world_size, cfg.parallel.ep_size, cfg.parallel.zero_stage)
     same = saved[1:] == now[1:] and (now[2] == 0 or saved[0] == now[0])
@@ -502,7 +515,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from llm.model import build_model
 
     ckpt = resolve(path)
-    cfg = load_config(ckpt / "config.yaml")
+    cfg = load_saved_config(ckpt / "config.yaml")
     model = build_model(cfg.model)
     state = load_weights(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,88 +20,99 @@ from typing import Any, Optional
 
 import yaml
 
-ROUTERS = ("dense", "switch", "topk", "lapsum", "smear", "deepspeed_topk")
+DEFAULT_ROUTER = "dense"  # the baseline without routed layers (llm/routing/dense.py)
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that names the key."""
 
 
+class RouterOptions:
+    """Base of a router's own section, `model.routing.<router>` (a dataclass in the router's module).
+
+    `flat_names` maps the keys that checkpoints from before the sections (all routing keys
+    flat under model.routing) used for this section's fields, where the name changed.
+    """
+
+    flat_names: typing.ClassVar[dict[str, str]] = {}
+
+    def validate(self, model: "ModelConfig", key: str) -> None:
+        """Check the section against the model (`key` is model.routing.<router>)."""
+
+    def validate_seq_len(self, seq_len: int, key: str) -> None:
+        """Check the section against the training sequence length (data.seq_len)."""
+
+
 @dataclass
 class RoutingConfig:
-    """Which FFN each block gets (SPEC.md §1–4). `router: dense` means no routing."""
+    """Which FFN each block gets (docs/routing.md#router-contract): `router` names a registered
+    router (`llm.routing.registry`); the keys here are shared by every router, the router's own
+    options are its section `model.routing.<router>` (`options`). `router: dense` means no routing."""
 
-    router: str = "dense"
+    router: str = DEFAULT_ROUTER
     n_experts: int = 8
     d_expert: int = 0  # hidden size of one expert; 0 = model.d_ff
     every: int = 1  # route every n-th block (blocks every-1, 2*every-1, ...), dense elsewhere
-    # sparse top-k (switch forces top_k = 1)
-    top_k: int = 2
-    capacity_factor: Optional[float] = None  # None = dropless
+    capacity_factor: Optional[float] = None  # the dispatcher's expert capacity; None = dropless
     aux_loss_coef: float = 0.01  # Switch load-balancing loss
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
-    # LapSum soft top-k with a global per-layer budget (SPEC §3)
-    k_mean: float = 1.5  # k̄: global budget K = k_mean * routed layers
-    budget: str = "learned"  # learned | fixed
-    alpha: float = 1.0
-    tau: float = 0.01  # truncation threshold on p (the initial one under tau_control: ema)
-    tau_control: str = "ema"  # ema: τ tracks mean kept experts ≈ k_l from past batches | fixed
-    tau_ema: float = 1.0  # weight of the newest batch's threshold in τ's moving average (1: that batch only)
-    keep_top1: bool = True  # every token keeps its top expert, whatever τ
-    expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
-    # SMEAR, segment-shifted (SPEC §4)
-    segment_len: int = 256
-    expert_dropout: float = 0.1
-    first_segment: str = "prior"  # prior (causal) | self_stopgrad (Lory, leaks)
-    reset_at_eos: bool = False  # a segment after one that contains EOS is routed by the prior
-    eos_id: int = 2  # EOS id for reset_at_eos; 2 is what `llm prepare`'s tokenizer uses
-    recompute: bool = False  # recompute merged weights in backward instead of keeping them
-    # DeepSpeed's own MoE layer as a baseline (router: deepspeed_topk)
-    ds_capacity_factor: float = 1.25
+    options: Optional[RouterOptions] = None  # model.routing.<router>; None = the section's defaults
 
-    def validate(self, d_ff: int) -> None:
-        _choice("model.routing.router", self.router, ROUTERS)
-        if self.router == "dense":
+    def __post_init__(self) -> None:
+        if self.options is None:
+            section = _router_section(self.router)
+            self.options = section() if section is not None else None
+
+    @classmethod
+    def build(cls, router: str, **keys: Any) -> "RoutingConfig":
+        """A routing config from shared keys and the router's own, in one call (tests, scripts)."""
+        return _build_routing(routing_section(router, **keys), "model.routing.")
+
+    @property
+    def routed(self) -> bool:
+        """False for the dense baseline: no block is routed."""
+        from llm.routing import registry
+
+        return registry.get(self.router).routed
+
+    @property
+    def section_key(self) -> str:
+        return f"model.routing.{self.router}"
+
+    def validate(self, model: "ModelConfig") -> None:
+        from llm.routing import registry
+
+        _choice("model.routing.router", self.router, registry.names())
+        if not self.routed:
             return
         _positive("model.routing.n_experts", self.n_experts)
         _positive("model.routing.every", self.every)
         if self.d_expert < 0:
-            raise ConfigError(f"model.routing.d_expert={self.d_expert}: expected >= 0 (0 means model.d_ff={d_ff})")
+            raise ConfigError(f"model.routing.d_expert={self.d_expert}: expected >= 0 "
+                              f"(0 means model.d_ff={model.d_ff})")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError(f"model.routing.capacity_factor={self.capacity_factor}: expected > 0, or null for dropless")
-        if self.router in ("topk", "deepspeed_topk") and not 1 <= self.top_k <= self.n_experts:
-            raise ConfigError(
-                f"model.routing.top_k={self.top_k}: expected 1 <= top_k <= n_experts={self.n_experts}")
-        if self.router == "lapsum":
-            _choice("model.routing.budget", self.budget, ("learned", "fixed"))
-            if self.alpha <= 0:
-                raise ConfigError(f"model.routing.alpha={self.alpha}: expected > 0")
-            if not 0 <= self.tau < 1:
-                raise ConfigError(f"model.routing.tau={self.tau}: expected 0 <= tau < 1")
-            if self.expansion_cap < 1:
-                raise ConfigError(f"model.routing.expansion_cap={self.expansion_cap}: expected >= 1")
-            _choice("model.routing.tau_control", self.tau_control, ("ema", "fixed"))
-            if not 0 < self.tau_ema <= 1:
-                raise ConfigError(f"model.routing.tau_ema={self.tau_ema}: expected 0 < tau_ema <= 1")
-        if self.router == "smear":
-            _positive("model.routing.segment_len", self.segment_len)
-            _choice("model.routing.first_segment", self.first_segment, ("prior", "self_stopgrad"))
-            if not 0 <= self.expert_dropout < 1:
-                raise ConfigError(f"model.routing.expert_dropout={self.expert_dropout}: expected 0 <= p < 1")
-            if self.reset_at_eos and self.eos_id < 0:
-                raise ConfigError(f"model.routing.eos_id={self.eos_id}: reset_at_eos needs the EOS token id (>= 0)")
+        if self.options is not None:
+            self.options.validate(model, self.section_key)
 
-    def validate_budget(self, n_routed: int) -> None:
-        """SPEC §3.3: k_l = 1 + softmax(η)_l (K − L) must stay in [1, E) for any η."""
-        if self.router != "lapsum":
-            return
-        if self.k_mean < 1:
-            raise ConfigError(f"model.routing.k_mean={self.k_mean}: expected >= 1 (every layer keeps k_l >= 1)")
-        worst = self.k_mean if self.budget == "fixed" else 1 + (self.k_mean - 1) * n_routed
-        if worst >= self.n_experts:
-            raise ConfigError(
-                f"model.routing.k_mean={self.k_mean} with {n_routed} routed layers allows k_l up to {worst:g}, "
-                f"expected < n_experts={self.n_experts} (lower k_mean, add experts, or use budget: fixed)")
+
+def routing_section(router: str, **keys: Any) -> dict[str, Any]:
+    """model.routing as YAML holds it, from shared keys and the router's own mixed: the latter
+    go into the section `<router>` (a key named `<router>` may also hold some of them)."""
+    shared = {f.name for f in dataclasses.fields(RoutingConfig)} - {"router", "options"}
+    own = {**keys.pop(router, {}), **{k: v for k, v in keys.items() if k not in shared}}
+    raw = {"router": router, **{k: v for k, v in keys.items() if k in shared}}
+    return {**raw, router: own} if own else raw
+
+
+def _router_section(router: str) -> Optional[type]:
+    """The dataclass of `router`'s own section, or None (no options, or not a registered router)."""
+    from llm.routing import registry
+
+    try:
+        return registry.get(router).options
+    except KeyError:
+        return None
 
 
 @dataclass
@@ -126,12 +140,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model/model.n_heads={self.d_model // self.n_heads}: RoPE needs an even head size")
         _choice("model.attention", self.attention, ("sdpa", "flash"))
-        self.routing.validate(self.d_ff)
-        self.routing.validate_budget(len(self.routed_layers()))
+        self.routing.validate(self)
 
     def routed_layers(self) -> list[int]:
         """Indices of the blocks whose FFN is routed."""
-        if self.routing.router == "dense":
+        if not self.routing.routed:
             return []
         every = self.routing.every
         return [i for i in range(self.n_layers) if (i + 1) % every == 0]
@@ -281,6 +294,9 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "run"
+    # Python modules imported before anything else is read (plug-in routers register themselves):
+    # found on sys.path, with the current directory first (README "Adding a router").
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -299,12 +315,9 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         routing = self.model.routing
-        if routing.router == "smear" and routing.segment_len >= self.data.seq_len:
-            raise ConfigError(
-                f"model.routing.segment_len={routing.segment_len} must be < data.seq_len={self.data.seq_len}: "
-                f"SMEAR routes each segment with the previous one, so with one segment per sequence the router "
-                f"is never used")
-        if routing.router != "dense":
+        if routing.options is not None:
+            routing.options.validate_seq_len(self.data.seq_len, routing.section_key)
+        if routing.routed:
             if routing.n_experts % self.parallel.ep_size:
                 raise ConfigError(f"parallel.ep_size={self.parallel.ep_size} must divide "
                                   f"model.routing.n_experts={routing.n_experts}")
@@ -325,26 +338,95 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML experiment, apply `a.b=value` overrides, check every key and value."""
-    raw: dict[str, Any] = {}
-    name = "run"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        name = path.stem
-    raw.setdefault("name", name)
+    raw: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    raw.setdefault("name", Path(path).stem if path is not None else "run")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         _set_dotted(raw, key.strip(), parse_override_value(key.strip(), value))
     return from_dict(raw).validate()
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A checkpoint's config.yaml, written by this version or an earlier one (`migrate_saved`)."""
+    raw = _read_yaml(path)
+    raw.setdefault("name", Path(path).stem)
+    return from_dict(migrate_saved(raw)).validate()
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+# Keys that saved configs of earlier versions hold and that no longer exist.
+_REMOVED_KEYS = (("model", "routing", "calibrate_tau"), ("data", "streaming"))
+
+
+def migrate_saved(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of any earlier version in today's schema: removed keys dropped, and
+    the flat routing keys of configs from before the router sections (every router's
+    options directly under model.routing) moved into the chosen router's section."""
+    for *sections, key in _REMOVED_KEYS:
+        node = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    routing = raw.get("model", {}).get("routing") if isinstance(raw.get("model"), dict) else None
+    if isinstance(routing, dict):
+        raw["model"]["routing"] = _migrate_flat_routing(routing)
+    return raw
+
+
+def _migrate_flat_routing(routing: dict[str, Any]) -> dict[str, Any]:
+    """Flat options → `<router>: {...}`; the other routers' flat options (earlier versions saved
+    all of them) are dropped. Keys no router knows stay, so that loading names them."""
+    from llm.routing import registry
+
+    shared = {f.name for f in dataclasses.fields(RoutingConfig)} - {"options"}
+    names = registry.names()
+    if all(key in shared or key in names for key in routing):
+        return routing
+    router = routing.get("router", DEFAULT_ROUTER)
+    out = {key: value for key, value in routing.items() if key in shared or key in names}
+    own = out.setdefault(router, {}) if _router_section(router) is not None else {}
+    for name in names:
+        for old, new in _flat_names(name).items():
+            if old in routing and name == router:
+                own[new] = routing[old]
+    known = {old for name in names for old in _flat_names(name)}
+    out.update({key: value for key, value in routing.items() if key not in out and key not in known})
+    return out
+
+
+def _routing_hint(key: str, prefix: str, shared: set[str], router: str) -> str:
+    """Where an unknown model.routing key belongs: a router's section, or a close valid key."""
+    from llm.routing import registry
+
+    owners = [name for name in registry.names() if key in _flat_names(name)]
+    if owners:
+        return f"; it is an option of router {', '.join(owners)}: {prefix}{owners[0]}.{_flat_names(owners[0])[key]}"
+    valid = shared | ({router} if _router_section(router) is not None else set())
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _flat_names(router: str) -> dict[str, str]:
+    """Flat key of an earlier version → field of `router`'s section."""
+    section = _router_section(router)
+    if section is None:
+        return {}
+    return {**{f.name: f.name for f in dataclasses.fields(section)}, **section.flat_names}
 
 
 def parse_override_value(key: str, text: str) -> Any:
@@ -390,11 +472,35 @@ def _scalar(item: str) -> Any:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
+    import_modules(_coerce(list[str], raw.get("imports", []), "imports"))
     return _build(Config, raw, "")
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def import_modules(modules: typing.Sequence[str]) -> None:
+    """Import the config's `imports`, the current directory first on the search path."""
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"imports: cannot import {module} ({err})") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config (or one of its sections) as YAML writes it: the router's options under the router's name."""
+    return _sections_by_name(cfg, dataclasses.asdict(cfg))
+
+
+def _sections_by_name(cfg: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(cfg, RoutingConfig):
+        options = out.pop("options")
+        return {**out, cfg.router: options} if options is not None else out
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _sections_by_name(value, out[f.name])
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -428,7 +534,33 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _build_routing(raw: Any, prefix: str) -> RoutingConfig:
+    """model.routing: the shared keys, and the section of the chosen router only."""
+    from llm.routing import registry
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {raw!r}")
+    router = _coerce(str, raw.get("router", DEFAULT_ROUTER), f"{prefix}router")
+    _choice(f"{prefix}router", router, registry.names())
+    shared = {f.name for f in dataclasses.fields(RoutingConfig)} - {"options"}
+    section = registry.get(router).options
+    for key in raw:
+        if key in shared or key == router and section is not None:
+            continue
+        if key == router:
+            raise ConfigError(f"{prefix}{key}: router {key} has no options of its own")
+        if key in registry.names():
+            raise ConfigError(f"{prefix}{key}: options of router {key}, but {prefix}router is {router}")
+        raise ConfigError(f"unknown key {prefix}{key}{_routing_hint(key, prefix, shared, router)}")
+    cfg = _build(RoutingConfig, {k: v for k, v in raw.items() if k in shared}, prefix)
+    if router in raw:
+        cfg.options = _build(section, raw[router], f"{prefix}{router}.")
+    return cfg
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if tp is RoutingConfig:
+        return _build_routing(value, key + ".")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     origin = typing.get_origin(tp)

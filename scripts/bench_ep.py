@@ -31,34 +31,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def build_variants(args) -> dict[str, tuple[torch.nn.Module, str]]:
     from llm.config import ModelConfig, RoutingConfig
     from llm.parallel.expert import ExpertParallel, shard_experts
-    from llm.routing.deepspeed_moe import DeepSpeedMoE
-    from llm.routing.moe import MoELayer
-    from llm.routing.smear import SMEARLayer
+    from llm.routing import build_ffn
 
     def cfg(router: str, **routing) -> ModelConfig:
         c = ModelConfig(d_model=args.d_model, n_heads=4, d_ff=args.d_expert, max_seq_len=args.seq_len,
-                        routing=RoutingConfig(router=router, n_experts=args.experts, **routing))
+                        routing=RoutingConfig.build(router, n_experts=args.experts, **routing))
         c.validate()
         return c
 
     ep = ExpertParallel.current()
     layers = {
-        "topk (ours, dropless)": (MoELayer, cfg("topk", top_k=2)),
-        f"topk (ours, capacity {args.capacity})": (MoELayer, cfg("topk", top_k=2, capacity_factor=args.capacity)),
-        f"deepspeed_topk (capacity {args.capacity})": (DeepSpeedMoE, cfg("deepspeed_topk", top_k=2,
-                                                                           ds_capacity_factor=args.capacity)),
-        f"smear (S={args.segment})": (SMEARLayer, cfg("smear", segment_len=args.segment, expert_dropout=0.0)),
+        "topk (ours, dropless)": cfg("topk", k=2),
+        f"topk (ours, capacity {args.capacity})": cfg("topk", k=2, capacity_factor=args.capacity),
+        f"deepspeed_topk (capacity {args.capacity})": cfg("deepspeed_topk", deepspeed_topk=dict(k=2, capacity_factor=args.capacity)),
+        f"smear (S={args.segment})": cfg("smear", segment_len=args.segment, expert_dropout=0.0),
     }
     variants = {}
-    for name, (cls, c) in layers.items():
+    for name, c in layers.items():
         torch.manual_seed(0)
-        full = cls(c)
+        full = build_ffn(c, True)
         variants[f"{name} | ep 1"] = (full, name)
-        merges = ("gather", "reduce") if cls is SMEARLayer else ("auto",)
+        merges = ("gather", "reduce") if c.routing.router == "smear" else ("auto",)
         for merge in merges:
             sharded = copy.deepcopy(full)
             shard_experts(torch.nn.ModuleDict({"layer": sharded}), ep, smear_merge=merge)
-            label = f"ep 2, {merge}" if cls is SMEARLayer else "ep 2"
+            label = f"ep 2, {merge}" if len(merges) > 1 else "ep 2"
             variants[f"{name} | {label}"] = (sharded, name)
     return variants
 

@@ -35,11 +35,11 @@ from llm.model import build_model
 
 TINY = {
     "dense": dict(router="dense"),
-    "topk": dict(router="topk", n_experts=8, top_k=2),
+    "topk": dict(router="topk", n_experts=8, k=2),
     "switch": dict(router="switch", n_experts=8),
     "lapsum": dict(router="lapsum", n_experts=8, k_mean=1.5, tau=0.05),
     "smear": dict(router="smear", n_experts=8, segment_len=16, reset_at_eos=True),
-    "topk every 2": dict(router="topk", n_experts=8, top_k=2, every=2),
+    "topk every 2": dict(router="topk", n_experts=8, k=2, every=2),
     "lapsum every 2": dict(router="lapsum", n_experts=8, k_mean=1.5, every=2),
 }
 
@@ -105,7 +105,7 @@ def tiny_table(tokenizer: Path, vocab: int, work: Path) -> None:
     for name, routing in TINY.items():
         torch.manual_seed(0)
         model = ModelConfig(vocab_size=vocab, d_model=64, n_layers=4, n_heads=4, d_ff=128, max_seq_len=128,
-                            tie_embeddings=False, init_std=0.1, routing=RoutingConfig(**routing))
+                            tie_embeddings=False, init_std=0.1, routing=RoutingConfig.build(**routing))
         cfg = Config(model=model)
         cfg.data.seq_len = model.max_seq_len
         cfg.validate()

@@ -149,7 +149,7 @@ def bench_layers(
     """
     from llm.config import ModelConfig, RoutingConfig
     from llm.routing.dense import DenseFFN
-    from llm.routing.moe import MoELayer
+    from llm.routing import build_ffn
 
     if deepspeed_baseline:
         _init_gloo()
@@ -162,20 +162,20 @@ def bench_layers(
     for n_exp, k, d_expert in shapes:
         def cfg(router: str, d_ff: int = k * d_expert, **routing) -> ModelConfig:
             return ModelConfig(d_model=d_model, n_layers=1, n_heads=1, d_ff=d_ff, max_seq_len=tokens,
-                               routing=RoutingConfig(router=router, n_experts=n_exp, **routing))
+                               routing=RoutingConfig.build(router, n_experts=n_exp, **routing))
 
         torch.manual_seed(seed)
         layers = {
             "dense": DenseFFN(cfg("dense")),
-            "switch": MoELayer(cfg("switch", d_expert=k * d_expert)),
-            "topk": MoELayer(cfg("topk", d_expert=d_expert, top_k=k)),
-            "topk_cf1.25": MoELayer(cfg("topk", d_expert=d_expert, top_k=k, capacity_factor=1.25)),
-            "lapsum": MoELayer(cfg("lapsum", d_expert=d_expert, k_mean=float(k), budget="fixed",
-                                   expansion_cap=2.0)),
+            "switch": build_ffn(cfg("switch", d_expert=k * d_expert), True),
+            "topk": build_ffn(cfg("topk", d_expert=d_expert, k=k), True),
+            "topk_cf1.25": build_ffn(cfg("topk", d_expert=d_expert, k=k, capacity_factor=1.25), True),
+            "lapsum": build_ffn(cfg("lapsum", d_expert=d_expert, k_mean=float(k), budget="fixed",
+                                 expansion_cap=2.0), True),
         }
         if deepspeed_baseline:
-            layers["deepspeed"] = DeepSpeedMoE(cfg("deepspeed_topk", d_expert=d_expert, top_k=k,
-                                                   ds_capacity_factor=1.25))
+            layers["deepspeed"] = DeepSpeedMoE(cfg("deepspeed_topk", d_expert=d_expert,
+                                                   deepspeed_topk=dict(k=k, capacity_factor=1.25)))
 
         def step(layer):
             def fn():

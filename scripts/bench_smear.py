@@ -116,8 +116,8 @@ def main() -> None:
 
     def cfg(recompute: bool) -> ModelConfig:
         return ModelConfig(d_model=args.d_model, d_ff=args.d_ff, n_heads=1, max_seq_len=args.seq_len,
-                           routing=RoutingConfig(router="smear", n_experts=args.experts, segment_len=args.segment_len,
-                                                 expert_dropout=args.expert_dropout, recompute=recompute))
+                           routing=RoutingConfig.build("smear", n_experts=args.experts, segment_len=args.segment_len,
+                                                       expert_dropout=args.expert_dropout, recompute=recompute))
 
     dense = DenseFFN(cfg(False)).to(device, dtype).train()
     smear = SMEARLayer(cfg(False)).to(device, dtype).train()

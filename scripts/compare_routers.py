@@ -42,7 +42,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llm.config import Config, ConfigError, load_config, to_dict  # noqa: E402
+from llm.config import Config, ConfigError, load_config, load_saved_config, to_dict  # noqa: E402
 
 log = logging.getLogger("llm.study")
 
@@ -112,7 +112,7 @@ def check_continuable(run: Run) -> None:
     saved_path = run.dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _settings(load_config(saved_path), ())
+    saved = _settings(load_saved_config(saved_path), ())
     for key, value in _settings(run.cfg, ()).items():
         if value != saved.get(key):
             raise ConfigError(f"{run.dir} was started with {key}={saved.get(key)!r}, this study has {value!r}: "
@@ -136,7 +136,7 @@ def run_one(run: Run, study: Study) -> dict[str, Any]:
     train_seconds = time.time() - t0
     ckpt = resolve(run.dir)  # the run's newest checkpoint that verifies
     row = {"run": run.name, "config": run.config, "seed": run.seed, "router": run.cfg.model.routing.router,
-           "budget": run.cfg.model.routing.budget if run.cfg.model.routing.router == "lapsum" else None,
+           "budget": getattr(run.cfg.model.routing.options, "budget", None),
            "steps": study.steps, "checkpoint": str(ckpt), **curve_summary(run.dir)}
     row.update(parameters(ckpt))
     row.update(routing(ckpt, run.cfg))
@@ -174,9 +174,9 @@ def parameters(ckpt: Path) -> dict[str, Any]:
 
 def routing(ckpt: Path, cfg: Config) -> dict[str, Any]:
     """Mean experts computed per token over the routed layers, and LapSum's k_l, from `llm inspect`."""
-    from llm.inspection import ROUTED, inspect_checkpoint
+    from llm.inspection import inspect_checkpoint
 
-    if cfg.model.routing.router not in ROUTED:
+    if not cfg.model.routing.routed:
         return {"active_experts": None, "k_per_layer": None}
     layers = inspect_checkpoint(ckpt)["layers"]
     active = [layer["active_mean"] for layer in layers if layer["active_mean"] is not None]

@@ -1,4 +1,4 @@
-"""The causality test of SPEC.md §6, shared by every model test.
+"""The causality test of docs/routing.md#causality, shared by every model test.
 
 Change every token after position t and check that logits at positions <= t do not move.
 """

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import examples.hash_router  # noqa: E402,F401  (registers the plug-in router "hash")
 from llm.config import Config, ModelConfig, ParallelConfig, RoutingConfig, TrainConfig  # noqa: E402
 from llm.parallel import expert as ep_mod  # noqa: E402
 from llm.parallel import groups  # noqa: E402
@@ -34,7 +35,7 @@ D, F_, E, B, T, VOCAB = 16, 32, 4, 2, 16, 64
 def model_cfg(router: str, **routing) -> ModelConfig:
     routing.setdefault("n_experts", E)
     cfg = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, d_ff=F_, max_seq_len=T,
-                      routing=RoutingConfig(router=router, **routing))
+                      routing=RoutingConfig.build(router, **routing))
     cfg.validate()
     return cfg
 
@@ -93,20 +94,20 @@ def _compare_layer(layer_ref, layer_ep, make_ctx, store_name="experts"):
 
 def case_exchange() -> dict:
     """AllToAllExchange vs the local dispatcher: top-k dropless, switch with capacity, LapSum."""
-    from llm.routing.moe import MoELayer
+    from llm.routing import build_ffn
 
     ep = ep_mod.ExpertParallel.current()
     out = {}
     variants = {
-        "topk": dict(router="topk", top_k=2),
+        "topk": dict(router="topk", k=2),
         "switch_capacity": dict(router="switch", capacity_factor=1.0),
-        "topk_capacity": dict(router="topk", top_k=2, capacity_factor=0.75),
+        "topk_capacity": dict(router="topk", k=2, capacity_factor=0.75),
         "lapsum": dict(router="lapsum", k_mean=1.5, tau=0.05, budget="fixed"),
     }
     for name, routing in variants.items():
         cfg = model_cfg(**routing)
         torch.manual_seed(0)
-        ref = MoELayer(cfg)
+        ref = build_ffn(cfg, True)
         sharded = copy.deepcopy(ref)
         holder = torch.nn.ModuleDict({"layer": sharded})
         ep_mod.shard_experts(holder, ep)
@@ -221,10 +222,11 @@ def budget_check(budgets, total: float) -> dict:
 def case_train() -> dict:
     """ep_size 2 vs 1 under DeepSpeed: losses and grad norms over 5 steps, per router and ZeRO stage."""
     routers = {
-        "topk": dict(top_k=2),
+        "topk": dict(k=2),
         "lapsum": dict(k_mean=1.5, tau=0.05),
         "smear": dict(segment_len=4, expert_dropout=0.1),
-        "deepspeed_topk": dict(top_k=2, ds_capacity_factor=2.0),
+        "deepspeed_topk": dict(deepspeed_topk=dict(k=2, capacity_factor=2.0)),
+        "hash": dict(seed=1),
     }
     runs = [(r, 0, "fp32") for r in routers] + [("topk", 1, "fp32"), ("topk", 2, "fp32"), ("topk", 0, "bf16")]
     out = {}
@@ -239,7 +241,7 @@ def case_train() -> dict:
             if ds_norms:
                 res[f"ep{ep_size}"]["deepspeed_fp32_norms"] = ds_norms
             if budgets:
-                res[f"ep{ep_size}"]["budget"] = budget_check(budgets, cfg.model.routing.k_mean * 2)
+                res[f"ep{ep_size}"]["budget"] = budget_check(budgets, cfg.model.routing.options.k_mean * 2)
             if ep_size == 2 and zero == 0 and dtype == "fp32":
                 res["roundtrip"] = roundtrip(engine.module, cfg)
             del engine

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from llm.checkpoint import write_model_files
-from llm.config import Config, DataConfig, ModelConfig, ParallelConfig, RoutingConfig
+from llm.config import Config, DataConfig, ModelConfig, ParallelConfig
 from llm.data.prepare import SPM_OPTIONS
 from llm.model import build_model
 from llm.monitor import read_metrics
@@ -137,7 +137,7 @@ SAMPLE_VOCAB = 512  # the tokenizer trained on the evaluation sample
 MAX_LEN = 64
 EVAL_ROUTERS = {
     "dense": dict(router="dense"),
-    "topk": dict(router="topk", n_experts=4, top_k=2),
+    "topk": dict(router="topk", n_experts=4, k=2),
     "lapsum": dict(router="lapsum", n_experts=4, k_mean=1.5),
     "smear": dict(router="smear", n_experts=4, segment_len=16),
 }
@@ -160,10 +160,10 @@ def train_sample_tokenizer(out: Path) -> Path:
 
 
 def model_config(router: str, vocab: int = SAMPLE_VOCAB, **model) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=MAX_LEN,
-                      init_std=0.1, routing=RoutingConfig(**EVAL_ROUTERS[router]), **model)
-    cfg.validate()
-    return cfg
+    from tests.models import tiny_config
+
+    return tiny_config(vocab_size=vocab, d_model=64, d_ff=128, max_seq_len=MAX_LEN, init_std=0.1,
+                       **EVAL_ROUTERS[router], **model)
 
 
 def write_checkpoint(path: Path, tokenizer_path: Path, router: str = "dense", vocab: int = SAMPLE_VOCAB,

@@ -9,22 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.config import ModelConfig, RoutingConfig, TrainConfig
-from llm.model import build_model
+from llm.config import TrainConfig
 from llm.parallel.blocks import apply_block_options
 from tests.causality import assert_causal
+from tests.models import tiny_model
 
 VOCAB = 61
 ROUTERS = ["dense", "switch", "topk", "lapsum", "smear"]
 
 
 def routed_model(router: str, n_layers: int = 2, **train) -> torch.nn.Module:
-    routing = RoutingConfig(router=router, n_experts=4, segment_len=4)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=n_layers, n_heads=2, d_ff=32, max_seq_len=16,
-                      routing=routing)
-    cfg.validate()
-    torch.manual_seed(0)
-    return apply_block_options(build_model(cfg), TrainConfig(**train))
+    model = tiny_model(router, vocab_size=VOCAB, d_model=16, n_layers=n_layers, n_heads=2, d_ff=32, max_seq_len=16,
+                       n_experts=4, **({"segment_len": 4} if router == "smear" else {}))
+    return apply_block_options(model, TrainConfig(**train))
 
 
 def train_steps(model, steps: int = 2, length: int = 12) -> tuple[list[float], list[torch.Tensor]]:

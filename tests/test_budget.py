@@ -17,7 +17,8 @@ from tests.helpers import make_corpus, ok, run, train_losses
 STEPS = 40
 LAPSUM = {
     "model": {"vocab_size": 320, "d_model": 64, "n_layers": 4, "n_heads": 4, "d_ff": 128, "max_seq_len": 64,
-              "routing": {"router": "lapsum", "n_experts": 8, "d_expert": 64, "k_mean": 1.5, "budget": "learned"}},
+              "routing": {"router": "lapsum", "n_experts": 8, "d_expert": 64,
+                          "lapsum": {"k_mean": 1.5, "budget": "learned"}}},
     "data": {"seq_len": 32, "num_proc": 1, "val_fraction": 0.05},
     "train": {"max_steps": STEPS, "micro_batch_size": 16, "lr": 3e-3, "warmup_steps": 4, "min_lr_ratio": 0.0,
               "eval_every": STEPS,

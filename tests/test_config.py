@@ -54,11 +54,11 @@ def test_impossible_values():
 
 def test_infeasible_lapsum_budget():
     base = ["model.routing.router=lapsum", "model.n_layers=4", "model.routing.n_experts=4"]
-    message = error(base + ["model.routing.k_mean=2.0"])
-    assert message.startswith("model.routing.k_mean=2.0 with 4 routed layers allows k_l up to 5")
+    message = error(base + ["model.routing.lapsum.k_mean=2.0"])
+    assert message.startswith("model.routing.lapsum.k_mean=2.0 with 4 routed layers allows k_l up to 5")
     assert "n_experts=4" in message
-    assert "expected >= 1" in error(base + ["model.routing.k_mean=0.5"])
-    load_config(None, base + ["model.routing.k_mean=1.5", "model.routing.budget=fixed"])  # fixed: k_l = 1.5 < 4
+    assert "expected >= 1" in error(base + ["model.routing.lapsum.k_mean=0.5"])
+    load_config(None, base + ["model.routing.lapsum.k_mean=1.5", "model.routing.lapsum.budget=fixed"])  # fixed: k_l = 1.5 < 4
 
 
 def test_override_parsing(tmp_path):
@@ -88,7 +88,7 @@ def test_override_parsing(tmp_path):
 
 def test_resolved_config_round_trip(tmp_path):
     cfg = load_config(REPO / "configs" / "tiny-dense.yaml",
-                      ["model.routing.router=lapsum", "model.routing.k_mean=1.25", "train.max_steps=9"])
+                      ["model.routing.router=lapsum", "model.routing.lapsum.k_mean=1.25", "train.max_steps=9"])
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and to_dict(again) == to_dict(cfg)
@@ -108,9 +108,9 @@ def test_list_override_keeps_glob_brackets():
 
 def test_smear_segment_must_be_shorter_than_the_sequence():
     smear = ["model.routing.router=smear", "data.seq_len=64"]
-    assert load_config(None, [*smear, "model.routing.segment_len=63"]).model.routing.segment_len == 63
-    assert error([*smear, "model.routing.segment_len=64"]).startswith(
-        "model.routing.segment_len=64 must be < data.seq_len=64")
+    assert load_config(None, [*smear, "model.routing.smear.segment_len=63"]).model.routing.options.segment_len == 63
+    assert error([*smear, "model.routing.smear.segment_len=64"]).startswith(
+        "model.routing.smear.segment_len=64 must be < data.seq_len=64")
 
 
 def test_stop_settings():

@@ -44,7 +44,8 @@ def test_compiled_bf16_blocks_match_eager(router):
 
     inductor.fallback_random = True  # expert dropout draws eager's random numbers
     cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=256,
-                      routing=RoutingConfig(router=router, n_experts=8, segment_len=64))
+                      routing=RoutingConfig.build(router, n_experts=8,
+                                                 **({"segment_len": 64} if router == "smear" else {})))
     cfg.validate()
     ids = torch.randint(0, 512, (4, 257), device=CUDA, generator=torch.Generator(CUDA).manual_seed(0))
     results = []

@@ -1,4 +1,4 @@
-"""The dispatcher against a naive per-token loop over experts (SPEC.md §2), in float64."""
+"""The dispatcher against a naive per-token loop over experts (docs/routing.md#dispatcher), in float64."""
 from __future__ import annotations
 
 import math

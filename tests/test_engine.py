@@ -41,7 +41,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_routed_model_groups_cover_every_parameter_once():
     cfg = load_config(None, ["model.routing.router=lapsum", "model.n_layers=2", "model.routing.n_experts=4",
-                             "model.routing.k_mean=1.5"]).model
+                             "model.routing.lapsum.k_mean=1.5"]).model
     model = build_model(cfg)
     t = Config().train
     t.lr, t.budget_lr = 1e-3, 0.05

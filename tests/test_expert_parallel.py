@@ -23,7 +23,7 @@ from llm.parallel import groups
 from tests.helpers import REPO, env, free_port, ok, run, train_losses, val_losses, write_tiny_run
 
 STEPS = 6
-ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk"]
+ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk", "hash"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_ep2_trains_like_ep1(ep, router):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["topk", "lapsum", "smear"])
+@pytest.mark.parametrize("router", ["topk", "lapsum", "smear", "hash"])
 def test_expert_gradients_reduced_within_expert_data_parallel_group(ep, router):
     """After DeepSpeed's reduction (`allreduce=False` parameters: only within the
     expert-data-parallel group, divided by the whole data-parallel world) every rank's
@@ -213,7 +213,7 @@ def test_deepspeed_moe_needs_torch_distributed():
     from llm.routing.deepspeed_moe import DeepSpeedMoE
 
     cfg = ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32,
-                      routing=RoutingConfig(router="deepspeed_topk", n_experts=4, top_k=2))
+                      routing=RoutingConfig.build("deepspeed_topk", n_experts=4, k=2))
     layer = DeepSpeedMoE(cfg)
     y, aux = layer(torch.randn(2, 8, 16))  # a single process runs all experts (eval, generation)
     assert y.shape == (2, 8, 16) and aux.item() > 0
@@ -226,7 +226,7 @@ def test_deepspeed_moe_needs_torch_distributed():
 @pytest.fixture(scope="module")
 def ep_workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ep_train")
-    write_tiny_run(root, routing={"router": "topk", "n_experts": 4, "top_k": 2}, max_steps=STEPS,
+    write_tiny_run(root, routing={"router": "topk", "n_experts": 4, "topk": {"k": 2}}, max_steps=STEPS,
                    save_every=STEPS // 2, eval_every=STEPS // 2)
     (root / "hostfile").write_text("localhost slots=2\n")
     ok(run("prepare", "tiny.yaml", cwd=root))

@@ -16,22 +16,23 @@ import pytest
 import torch
 
 from llm.checkpoint import load_model
-from llm.config import Config, DataConfig, ModelConfig, RoutingConfig
+from llm.config import Config, DataConfig
 from llm.data import Tokenizer
 from llm.export import ExportError, export
 from llm.export.convert import MODELING_FILE
 from tests.helpers import MAX_LEN, REPO, SAMPLE, SAMPLE_VOCAB, cli_status, sample_texts
+from tests.models import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
 # name: (routing, architecture the export must choose)
 ROUTERS = {
     "dense": (dict(router="dense"), "LlamaForCausalLM"),
-    "topk": (dict(router="topk", n_experts=4, top_k=2), "MixtralForCausalLM"),
+    "topk": (dict(router="topk", n_experts=4, k=2), "MixtralForCausalLM"),
     "switch": (dict(router="switch", n_experts=4), "RoutedForCausalLM"),
     "lapsum": (dict(router="lapsum", n_experts=4, k_mean=1.5, tau=0.05), "RoutedForCausalLM"),
     "smear": (dict(router="smear", n_experts=4, segment_len=8, reset_at_eos=True), "RoutedForCausalLM"),
-    "topk_every2": (dict(router="topk", n_experts=4, top_k=2, every=2, d_expert=32), "RoutedForCausalLM"),
+    "topk_every2": (dict(router="topk", n_experts=4, k=2, every=2, d_expert=32), "RoutedForCausalLM"),
     "lapsum_every2": (dict(router="lapsum", n_experts=4, k_mean=1.5, every=2, budget="fixed"), "RoutedForCausalLM"),
 }
 EDGE_TEXTS = ["Hello world", " leading space", "two  spaces", "  ", "line\nbreak\n\n", "trailing ",
@@ -55,9 +56,7 @@ def write_random_checkpoint(ckpt: Path, tokenizer_path: Path, routing: dict, n_l
     """A randomly initialised checkpoint with sharp routing (the default router init routes
     almost uniformly, which would hide a wrong expert choice or a wrong k_l)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=SAMPLE_VOCAB, d_model=32, n_layers=n_layers, n_heads=4, d_ff=64, max_seq_len=MAX_LEN,
-                      init_std=0.1, routing=RoutingConfig(**routing), **model)
-    cfg.validate()
+    cfg = tiny_config(vocab_size=SAMPLE_VOCAB, n_layers=n_layers, max_seq_len=MAX_LEN, init_std=0.1, **routing, **model)
     return bench.save_random_checkpoint(Config(model=cfg, data=DataConfig(seq_len=MAX_LEN)), ckpt, tokenizer_path,
                                         sharpen_routing=True)
 

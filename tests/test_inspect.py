@@ -1,4 +1,4 @@
-"""`llm inspect` and the routing-statistics callback (llm/inspection.py).
+"""`llm inspect` and the routing-statistics callback (llm/inspection/).
 
 Every number the report gives is recomputed here from first principles on the same
 batches: budgets from the checkpoint's η, active experts and loads from the captured
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llm.checkpoint import load_model, load_weights, write_model_files
 from llm.cli import main
-from llm.config import Config, from_dict
+from llm.config import Config, from_dict, routing_section
 from llm.data import TokenLoader, data_dir, prepare
 from llm.inspection import (
     RoutingStatsCallback,
@@ -53,7 +53,7 @@ def data(tmp_path_factory) -> dict:
 
 
 def make_cfg(data_section: dict, router: str, ep_size: int = 1, n_layers: int = LAYERS, **routing) -> Config:
-    routing = {"router": router, "n_experts": EXPERTS, **routing} if router != "dense" else {"router": "dense"}
+    routing = routing_section(router, n_experts=EXPERTS, **routing) if router != "dense" else {"router": "dense"}
     return from_dict({
         "name": "tiny",
         "model": {"vocab_size": VOCAB, "d_model": 32, "n_layers": n_layers, "n_heads": 2, "d_ff": 64,
@@ -196,7 +196,7 @@ def test_table_output(data, tmp_path, capsys):
 # ---------------------------------------------------------------------------- top-k with capacity
 
 def test_topk_capacity_drops_and_loads_match_a_direct_count(data, tmp_path, capsys):
-    ckpt = make_ckpt(tmp_path / "ckpt", data, "topk", top_k=2, capacity_factor=0.6)
+    ckpt = make_ckpt(tmp_path / "ckpt", data, "topk", k=2, capacity_factor=0.6)
     report = inspect_json(capsys, ckpt, "--batches", BATCHES)
     assert report["K"] == 2 * LAYERS
     model, seen = captured_inputs(ckpt)

@@ -93,11 +93,11 @@ def test_flops_per_token():
     assert flops_per_token(cfg, 2 * T) - flops_per_token(cfg, T) == 6 * L * d * T
 
     def routed(router: str, **kw) -> float:
-        return flops_per_token(tiny(routing=RoutingConfig(router=router, n_experts=8, **kw)), T)
+        return flops_per_token(tiny(routing=RoutingConfig.build(router, n_experts=8, **kw)), T)
 
-    assert routed("switch") == routed("topk", top_k=1)
-    assert routed("topk", top_k=2) > routed("switch")
-    assert routed("lapsum", k_mean=1.5) == pytest.approx((routed("topk", top_k=1) + routed("topk", top_k=2)) / 2)
+    assert routed("switch") == routed("topk", k=1)
+    assert routed("topk", k=2) > routed("switch")
+    assert routed("lapsum", k_mean=1.5) == pytest.approx((routed("topk", k=1) + routed("topk", k=2)) / 2)
 
 
 def test_norm_and_rope_keep_float64():

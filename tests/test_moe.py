@@ -1,5 +1,5 @@
-"""The routed layer in a full model: causality (SPEC.md §6), batch invariance, the
-budget (§3.3), overfitting one batch, stats, configs."""
+"""The routed layer in a full model: causality (docs/routing.md#causality), batch invariance, the
+budget (docs/lapsum.md#budget), overfitting one batch, stats, configs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config
+from llm.config import ConfigError, load_config
 from llm.model import build_model
 from llm.routing.moe import MoELayer
 from tests.causality import assert_causal
+from tests.models import tiny_model
 
 VOCAB, T = 64, 16
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -19,11 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def tiny(router: str, seed: int = 0, **routing) -> torch.nn.Module:
     routing = {"n_experts": 8, "d_expert": 32, **routing}
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=2, d_ff=64, max_seq_len=32,
-                      routing=RoutingConfig(router=router, **routing))
-    cfg.validate()
-    torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = tiny_model(router, seed, vocab_size=VOCAB, n_layers=3, n_heads=2, **routing)
     # A sharper router than the init, so routing really differs between tokens.
     for ffn in model.routed_ffns():
         torch.nn.init.normal_(ffn.router.gate.weight, std=0.3)
@@ -34,7 +31,7 @@ def _ids(batch=3, seq=T, seed=0):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-ROUTERS = [("switch", {}), ("topk", {"top_k": 2}), ("lapsum", {"k_mean": 1.5}),
+ROUTERS = [("switch", {}), ("topk", {"k": 2}), ("lapsum", {"k_mean": 1.5}),
            ("lapsum", {"k_mean": 1.5, "tau_control": "fixed", "keep_top1": False, "budget": "fixed"})]
 
 
@@ -98,7 +95,7 @@ def test_budget_sums_to_K_exactly_and_moves():
     assert layer_ks == pytest.approx(ks.tolist(), abs=1e-12)
 
 
-@pytest.mark.parametrize("router,extra", [("topk", {"top_k": 2}), ("lapsum", {"k_mean": 1.5})])
+@pytest.mark.parametrize("router,extra", [("topk", {"k": 2}), ("lapsum", {"k_mean": 1.5})])
 def test_overfits_one_batch(router, extra):
     model = tiny(router, **extra)
     losses = _train(model, 50, 5e-3, _ids(batch=4, seq=T + 1, seed=3))
@@ -133,15 +130,15 @@ def test_stats_fields():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.routing.k_mean=0.5"], "k_mean=0.5: expected >= 1"),
-    (["model.routing.k_mean=2.0"], "allows k_l up to 5"),  # learned: 1 + (2 − 1)·4 = 5 >= E = 4
-    (["model.routing.k_mean=4.0", "model.routing.budget=fixed"], "expected < n_experts=4"),
+    (["model.routing.lapsum.k_mean=0.5"], "k_mean=0.5: expected >= 1"),
+    (["model.routing.lapsum.k_mean=2.0"], "allows k_l up to 5"),  # learned: 1 + (2 − 1)·4 = 5 >= E = 4
+    (["model.routing.lapsum.k_mean=4.0", "model.routing.lapsum.budget=fixed"], "expected < n_experts=4"),
 ])
 def test_infeasible_budget_rejected_at_config_time(overrides, match):
     base = ["model.n_layers=4", "model.routing.router=lapsum", "model.routing.n_experts=4"]
     with pytest.raises(ConfigError, match=match):
         load_config(None, base + overrides)
-    load_config(None, base + ["model.routing.k_mean=1.5", "model.routing.budget=fixed"])  # feasible
+    load_config(None, base + ["model.routing.lapsum.k_mean=1.5", "model.routing.lapsum.budget=fixed"])  # feasible
 
 
 ROUTED_CONFIGS = ["tiny-switch", "tiny-topk", "tiny-lapsum", "tiny-lapsum-fixed",
@@ -157,7 +154,7 @@ def test_configs(name):
     with torch.device("meta"):
         model = build_model(m)
     total = model.num_params(exclude_embedding=False)
-    active_experts = {"switch": 1, "topk": r.top_k, "lapsum": r.k_mean}[r.router]
+    active_experts = {"switch": 1, "topk": getattr(r.options, "k", 0), "lapsum": getattr(r.options, "k_mean", 0)}[r.router]
     active = total - len(m.routed_layers()) * (r.n_experts - active_experts) * expert
     if name.startswith("tiny"):
         dense = load_config(CONFIGS / "tiny-dense.yaml").model

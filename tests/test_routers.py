@@ -1,4 +1,4 @@
-"""Routers against the formulas of SPEC.md §2 (Switch, top-k, LB loss, z-loss) and §3.2
+"""Routers against the formulas of docs/routing.md (Switch, top-k, LB loss, z-loss) and docs/lapsum.md#truncation
 (LapSum truncation)."""
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-import llm.routing.routers as routers
-from llm.config import ModelConfig, RoutingConfig
+import llm.routing.lapsum_router as lapsum_router
 from llm.model import build_model
 from llm.routing.lapsum import soft_topk
-from llm.routing.routers import LapSumRouter, TopKRouter, load_balancing_loss, router_logits, z_loss
+from llm.routing.lapsum_router import LapSumRouter
+from llm.routing.routers import load_balancing_loss, router_logits, z_loss
 from llm.routing.tau import end_step
+from llm.routing.topk import TopKRouter
+from tests.models import tiny_config
 
 D, E = 16, 8
 
@@ -124,9 +126,9 @@ def test_lapsum_cap_rounds_float64_budgets_as_exact():
 
 
 def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
-    """Truncation zeroes weights, but ∂L/∂r is dense through the threshold (SPEC §3.2)."""
+    """Truncation zeroes weights, but ∂L/∂r is dense through the threshold (docs/lapsum.md#truncation)."""
     captured = {}
-    original = routers.router_logits
+    original = lapsum_router.router_logits
 
     def spy(gate, x):
         logits = original(gate, x)
@@ -134,7 +136,7 @@ def test_lapsum_gradient_reaches_dropped_experts(monkeypatch):
         captured["logits"] = logits
         return logits
 
-    monkeypatch.setattr(routers, "router_logits", spy)
+    monkeypatch.setattr(lapsum_router, "router_logits", spy)
     router = _lapsum(k_max=2.0, tau=0.1, cap=1.0)  # at most ceil(1.5) = 2 of 8 experts kept
     k = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
     out = router(torch.randn(16, D), k)
@@ -252,9 +254,7 @@ def test_router_logits_stay_fp32_under_bf16_autocast_and_float64_stays_float64()
 def test_router_parameter_names_avoid_the_word_expert():
     """DeepSpeed treats any parameter named *expert* as an expert parameter."""
     for router in ("switch", "topk", "lapsum"):
-        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16,
-                          routing=RoutingConfig(router=router, n_experts=4, d_expert=32))
-        cfg.validate()
+        cfg = tiny_config(router, n_heads=2, max_seq_len=16, n_experts=4, d_expert=32)
         names = [n for n, _ in build_model(cfg).named_parameters()]
         assert any(".router.gate." in n for n in names)
         for name in names:

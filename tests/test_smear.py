@@ -1,4 +1,4 @@
-"""SMEAR, segment-shifted (SPEC.md §4): causality, an explicit per-segment oracle, decoding."""
+"""SMEAR, segment-shifted (docs/smear.md): causality, an explicit per-segment oracle, decoding."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ConfigError, ModelConfig, RoutingConfig, load_config
+from llm.config import ConfigError, ModelConfig, load_config
 from llm.model import FFNContext, build_model
 from llm.routing.dense import DenseFFN
 from llm.routing.smear import SMEARLayer
 from tests.causality import assert_causal, causal_leak
+from tests.models import tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 S = 8  # segment length of the small test models
@@ -23,10 +24,7 @@ EOS = 2
 def _cfg(**routing) -> ModelConfig:
     r = dict(router="smear", n_experts=4, segment_len=S, expert_dropout=0.1)
     r.update(routing)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64,
-                      routing=RoutingConfig(**r))
-    cfg.validate()
-    return cfg
+    return tiny_config(vocab_size=VOCAB, d_ff=48, max_seq_len=64, **r)
 
 
 def _sharpen(module: torch.nn.Module, seed: int = 0) -> None:
@@ -57,7 +55,7 @@ def _ids(B: int, T: int, seed: int = 0, eos_at=()) -> torch.Tensor:
     return ids
 
 
-# ------------------------------------------------------------------------- causality (SPEC §6)
+# ------------------------------------------------------------------------- causality (docs/routing.md#causality)
 
 T_CAUSAL = 30  # 3 full segments and a partial one of 6 tokens
 POSITIONS = [3, S - 1, S, 2 * S - 1, 2 * S, T_CAUSAL - 1]  # inside seg 0, both sides of boundaries, last
@@ -88,7 +86,7 @@ def test_self_stopgrad_is_flagged_as_leaking():
 # ------------------------------------------------------------------------- the oracle
 
 def _oracle(layer: SMEARLayer, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC §4 written out, one sequence and one segment at a time: build θ̄_j, run a plain FFN."""
+    """docs/smear.md#causal-shift written out, one sequence and one segment at a time: build θ̄_j, run a plain FFN."""
     ex, router = layer.experts, layer.router
     B, T, d = x.shape
     out = []
@@ -257,7 +255,7 @@ def test_router_init_and_configs():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.model.routing.router == "smear"
     with pytest.raises(ConfigError, match="eos_id"):
-        load_config(CONFIGS / "tiny-smear.yaml", ["model.routing.reset_at_eos=true", "model.routing.eos_id=-1"])
+        load_config(CONFIGS / "tiny-smear.yaml", ["model.routing.smear.reset_at_eos=true", "model.routing.smear.eos_id=-1"])
 
 
 @pytest.mark.parametrize("n_experts", [4, 16])

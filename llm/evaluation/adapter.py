@@ -39,6 +39,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from llm.evaluation.errors import EvalError
+from llm.routing import registry
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +248,9 @@ class LLMEvalModel(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations, cut at the first stop sequence."""
-        routing = self.model.cfg.routing
-        if routing.router == "smear" and routing.first_segment == "self_stopgrad":
-            raise EvalError("generate_until needs incremental decoding, which SMEAR with "
-                            "first_segment=self_stopgrad cannot do")
+        leak = registry.get(self.model.cfg.routing.router).future_leak(self.model.cfg)
+        if leak is not None:
+            raise EvalError(f"generate_until needs incremental decoding, which {leak} cannot do")
         collator = Collator([r.args for r in requests], sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
                             group_by="gen_kwargs", group_fn=lambda a: a[1])
         results = []
@@ -330,13 +330,11 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _warn_if_batch_dependent(cfg) -> None:
-    routing = cfg.routing
-    if routing.router == "dense":
-        return
-    if routing.router == "deepspeed_topk" or routing.capacity_factor is not None:
+    spec = registry.get(cfg.routing.router)
+    capacity = spec.capacity(cfg)
+    if capacity is not None:
         log.warning("model.routing (%s, capacity_factor=%s): tokens compete for expert capacity across the batch, "
-                    "so scores depend on batch size and padding", routing.router,
-                    routing.ds_capacity_factor if routing.router == "deepspeed_topk" else routing.capacity_factor)
-    if routing.router == "smear" and routing.first_segment == "self_stopgrad":
-        log.warning("SMEAR first_segment=self_stopgrad routes segment 0 on its own future tokens: "
-                    "scores see the continuation and depend on padding")
+                    "so scores depend on batch size and padding", spec.name, capacity)
+    leak = spec.future_leak(cfg)
+    if leak is not None:
+        log.warning("%s: scores see the continuation and depend on padding", leak)

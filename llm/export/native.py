@@ -18,16 +18,13 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.export.layers import LayerExport
+from llm.routing import registry
 
 
 def native_architecture(cfg: ModelConfig) -> Optional[str]:
     """"llama", "mixtral", or None when only the exported modeling code reproduces the model."""
-    r = cfg.routing
-    if r.router == "dense":
-        return "llama"
-    if r.router == "topk" and r.top_k > 1 and r.every == 1 and r.capacity_factor is None:
-        return "mixtral"
-    return None
+    native = registry.get(cfg.routing.router).native_architecture
+    return native(cfg) if native is not None else None
 
 
 def native_config(cfg: ModelConfig, arch: str) -> dict:
@@ -54,7 +51,7 @@ def native_config(cfg: ModelConfig, arch: str) -> dict:
     r = cfg.routing
     return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **common,
             "intermediate_size": r.d_expert or cfg.d_ff, "num_local_experts": r.n_experts,
-            "num_experts_per_tok": r.top_k, "sliding_window": None, "router_aux_loss_coef": r.aux_loss_coef,
+            "num_experts_per_tok": r.options.k, "sliding_window": None, "router_aux_loss_coef": r.aux_loss_coef,
             "output_router_logits": False}
 
 

@@ -6,7 +6,6 @@ This file knows nothing about DeepSpeed or distributed training.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -15,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.initialization import output_std
 from llm.model.loss import chunked_cross_entropy
+from llm.routing import build_ffn, registry
 
 try:  # optional: flash-attn 2, GPU only
     from flash_attn import flash_attn_func
@@ -147,7 +148,6 @@ BlockRunner = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from llm.routing import ExpertBudget, build_ffn
 
         self.cfg = cfg
         routed = cfg.routed_layers()
@@ -157,8 +157,9 @@ class Transformer(nn.Module):
             Block(cfg, build_ffn(cfg, i in self.route_index)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # The global LapSum budget is one object shared by all routed layers (SPEC §3.3).
-        self.budget = ExpertBudget(cfg.routing, len(routed)) if cfg.routing.router == "lapsum" else None
+        # The global LapSum budget is one object shared by all routed layers (docs/lapsum.md#budget).
+        make_budget = registry.get(cfg.routing.router).budget
+        self.budget = make_budget(cfg, len(routed)) if make_budget is not None else None
         cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -227,25 +228,18 @@ class Transformer(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
 
-def output_std(cfg: ModelConfig) -> float:
-    """Init std of residual-branch output projections: scaled by 1/sqrt(2L) so the
-    residual stream's variance does not grow with depth (GPT-2's scaled init)."""
-    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active non-embedding parameters + causal attention.
 
-    Active means what one token runs through: k experts for top-k, k̄ for LapSum,
-    one merged expert for SMEAR. Attention scores and values add 6·L·d·T
+    Active means what one token runs through, as its router counts it
+    (`RouterSpec.active_experts`: k for top-k, k̄ for LapSum, one merged expert for SMEAR). Attention scores and values add 6·L·d·T
     (forward 2·2·d·T/2 per layer for the causal half, times 3 for backward).
     """
     d, L, r = cfg.d_model, cfg.n_layers, cfg.routing
     attn_params = 4 * d * d
     dense_ffn = 3 * d * cfg.d_ff
     expert = 3 * d * (r.d_expert or cfg.d_ff)
-    active_experts = {"dense": 0, "switch": 1, "topk": r.top_k, "deepspeed_topk": r.top_k,
-                      "lapsum": r.k_mean, "smear": 1}[r.router]
+    active_experts = registry.get(r.router).active_experts(cfg)
     n_routed = len(cfg.routed_layers())
     ffn = (L - n_routed) * dense_ffn + n_routed * (active_experts * expert + d * r.n_experts)
     lm_head = d * cfg.vocab_size

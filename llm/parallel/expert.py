@@ -1,17 +1,18 @@
-"""Expert parallelism, applied to a built model (SPEC §2–4 with parallel.ep_size > 1).
+"""Expert parallelism, applied to a built model (docs/expert-parallel.md with parallel.ep_size > 1).
 
 Every rank builds the FULL model from the same seed (so initialisation is identical to
 ep_size = 1), then `shard_experts(model)` keeps this rank's E/ep_size experts of every
-routed layer and rewires the layers that need the others' experts:
+routed layer, and each layer installs what it needs of the others' experts through its
+own `shard(ep, merge_mode)` (the strategies it installs live here):
 
-- top-k / switch / LapSum (`MoELayer`): the dispatcher's token exchange becomes an
+- `MoELayer` (top-k, Switch, LapSum, any router behind the dispatcher): the dispatcher's token exchange becomes an
   all-to-all over the expert-parallel group (`AllToAllExchange`). Dropless: the
   per-expert row counts are exchanged first, then the rows with variable splits.
   Capacity mode: every expert's rows are padded to the capacity, fixed splits.
-- SMEAR (`SMEARLayer`): the merge θ̄ = Σ_e w_e θ_e needs every expert; it all-gathers the
+- `SMEARLayer`: the merge θ̄ = Σ_e w_e θ_e needs every expert; it all-gathers the
   layer's expert weights or reduce-scatters partial merges, whichever moves fewer
   numbers (`ExpertParallelMerge`).
-- DeepSpeed's MoE (`router: deepspeed_topk`): its expert list is cut to the local slice;
+- DeepSpeed's MoE layer (`DeepSpeedMoE`): its expert list is cut to the local slice;
   its engine hands it the group.
 
 Expert parameters are marked the way DeepSpeed's engine and ZeRO 1/2 expect
@@ -37,7 +38,6 @@ from torch import Tensor, nn
 from llm.config import ConfigError
 from llm.parallel import groups
 from llm.parallel.collectives import all_gather, all_gather_flat, all_to_all, reduce_scatter
-from llm.routing.deepspeed_moe import DeepSpeedMoE
 from llm.routing.experts import Experts, merge
 
 SMEAR_MERGE_MODES = ("auto", "gather", "reduce")
@@ -137,7 +137,7 @@ class AllToAllExchange:
 class ExpertParallelMerge:
     """SMEAR's merge θ̄_g = Σ_e w[g, e] θ_e (w [G, E] over GLOBAL experts) with sharded experts.
 
-    Two exact ways (SPEC §4), both differentiable:
+    Two exact ways (docs/expert-parallel.md#smear-merge), both differentiable:
     - gather: all-gather the layer's expert weights (each rank receives the other
       (ep−1)·E/ep experts' 3·d·f numbers), merge locally. Backward reduce-scatters the
       weight gradients to their owners.
@@ -145,7 +145,7 @@ class ExpertParallelMerge:
       rank's groups over the local experts, reduce-scatter the partial merges (each rank
       receives (ep−1)·G merged experts of 3·d·f numbers). Needs G equal on all ranks.
     `auto` picks the one that moves fewer numbers: gather when E/ep ≤ G, i.e. E ≤ ep·G
-    (SPEC's E·3df vs B·T/S·3df, with B the expert-parallel group's batch: every rank
+    (docs/expert-parallel.md#smear-merge: E·3df vs B·T/S·3df, with B the expert-parallel group's batch: every rank
     needs its own merged experts). G is compared across the group first (a tiny
     all-gather), so every rank takes the same path; unequal G always gathers.
     """
@@ -238,7 +238,8 @@ def _slice_param(p: nn.Parameter, first: int, n: int) -> nn.Parameter:
     return nn.Parameter(p.detach()[first:first + n].clone(), requires_grad=p.requires_grad)
 
 
-def _shard_store(store: Experts, ep: ExpertParallel) -> None:
+def shard_store(store: Experts, ep: ExpertParallel) -> None:
+    """Keep this rank's slice [first, first + E/ep) of an expert store, marked as expert parameters."""
     if store.n_local != store.n_global:
         raise RuntimeError("shard_experts: this expert store is already sharded")
     n_local = store.n_global // ep.size
@@ -249,105 +250,64 @@ def _shard_store(store: Experts, ep: ExpertParallel) -> None:
     mark_expert_params(store.parameters(), ep.size)
 
 
-def _shard_deepspeed_moe(layer, ep: ExpertParallel) -> None:
-    moe = layer.moe
-    inner = moe.deepspeed_moe
-    n_local = moe.num_experts // ep.size
-    first = ep.rank * n_local
-    store = inner.experts
-    store.deepspeed_experts = nn.ModuleList(list(store.deepspeed_experts)[first:first + n_local])
-    store.num_local_experts = n_local
-    for obj in (moe, inner):
-        obj.ep_size = ep.size
-        obj.num_local_experts = n_local
-    moe.expert_group_name = inner.ep_group_name = ep.group_name
-    mark_expert_params(store.parameters(), ep.size)
-    inner._set_ep_group(ep.group)
+def routed_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that shard themselves (`RouterSpec`: every routed layer has `shard`)."""
+    return [m for m in model.modules() if callable(getattr(m, "shard", None)) and hasattr(m, "n_experts")]
 
 
 def shard_experts(model: nn.Module, ep: Optional[ExpertParallel] = None, smear_merge: str = "auto") -> nn.Module:
-    """Keep this rank's experts of every routed layer and install the exchange / merge.
+    """Keep this rank's experts of every routed layer and let each install its exchange / merge.
 
     Call on the full model built with the same seed on every rank, after
     `groups.init_expert_parallel`, before `deepspeed.initialize`. A no-op at ep_size 1.
-    `smear_merge` (parallel.smear_merge) forces SMEAR's path: auto | gather | reduce.
+    `smear_merge` (parallel.smear_merge) forces the path of layers that merge experts:
+    auto | gather | reduce.
     """
-    from llm.routing.moe import MoELayer
-    from llm.routing.smear import SMEARLayer
-
     ep = ep or ExpertParallel.current()
     if ep.size == 1:
         return model
-    n_experts = None
-    for module in list(model.modules()):
-        if isinstance(module, (MoELayer, SMEARLayer)):
-            n_experts = module.experts.n_global
-        elif isinstance(module, DeepSpeedMoE):
-            n_experts = module.n_experts
-        else:
-            continue
-        if n_experts % ep.size:
-            raise ConfigError(f"parallel.ep_size={ep.size} must divide model.routing.n_experts={n_experts}")
-        if isinstance(module, MoELayer):
-            _shard_store(module.experts, ep)
-            module.dispatcher.exchange = AllToAllExchange(ep, n_experts)
-        elif isinstance(module, SMEARLayer):
-            _shard_store(module.experts, ep)
-            module.merge = ExpertParallelMerge(module.experts, ep, smear_merge)  # shadows SMEARLayer.merge
-        else:
-            _shard_deepspeed_moe(module, ep)
-    if n_experts is None:
+    layers = routed_layers(model)
+    if not layers:
         raise ValueError(f"parallel.ep_size={ep.size} needs routed layers; the model has none")
+    for layer in layers:
+        if layer.n_experts % ep.size:
+            raise ConfigError(f"parallel.ep_size={ep.size} must divide model.routing.n_experts={layer.n_experts}")
+        layer.shard(ep, smear_merge)
     stray = [name for name, p in model.named_parameters()
              if "expert" in name and not hasattr(p, "allreduce")]
     if stray:
         raise RuntimeError(f"parameters named like experts but not sharded: {stray[:3]}")
     if not any(type(m).__name__ == "ExpertParallelLayers" for m in model.modules()):
-        model.add_module(FLAG_NAME, _moe_flag_class()(n_experts, ep.size))
+        model.add_module(FLAG_NAME, _moe_flag_class()(layers[-1].n_experts, ep.size))
     return model
 
 
 # ---------------------------------------------------------------------------- checkpoints
-
-def _ds_expert_key(key: str) -> Optional[tuple[str, int, str]]:
-    """'...deepspeed_experts.<i>.<rest>' -> (prefix, i, rest)."""
-    marker = ".deepspeed_experts."
-    if marker not in key:
-        return None
-    prefix, tail = key.split(marker, 1)
-    index, rest = tail.split(".", 1)
-    return prefix + marker, int(index), rest
-
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict with every expert tensor indexed by GLOBAL expert.
 
     A collective under expert parallelism: call on every rank (each gets the full dict;
     one of them writes it). Without expert parallelism it is `model.state_dict()`.
-    Sharded `Experts` stores give w1, w3 [E, d, f], w2 [E, f, d]; DeepSpeed MoE layers
-    give `deepspeed_experts.<global id>.*`. The flag module has no state.
+    Every module holding sharded experts (`Experts`, DeepSpeed's MoE layer) rewrites its
+    own keys through `gather_expert_state`. The flag module has no state.
     """
     state = model.state_dict()
     ep = ExpertParallel.current()
     if ep.size == 1:
         return state
-    for prefix, module in model.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        if isinstance(module, Experts) and module.n_local != module.n_global:
-            for name in ("w1", "w3", "w2"):
-                state[prefix + name] = _gather_rows(getattr(module, name).detach(), ep)
-        elif isinstance(module, DeepSpeedMoE) and module.moe.num_local_experts != module.moe.num_experts:
-            n_local = module.moe.num_local_experts
-            head = f"{prefix}moe.deepspeed_moe.experts.deepspeed_experts."
-            for key in [k for k in state if k.startswith(head)]:
-                _, local, rest = _ds_expert_key(key)
-                gathered = _gather_rows(state.pop(key)[None], ep)  # [ep, ...]: local expert `local` of each rank
-                for src in range(ep.size):
-                    state[f"{head}{src * n_local + local}.{rest}"] = gathered[src]
+    for prefix, module in _expert_holders(model):
+        module.gather_expert_state(state, prefix, ep)
     return state
 
 
-def _gather_rows(t: Tensor, ep: ExpertParallel) -> Tensor:
+def _expert_holders(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}." if prefix else "", module) for prefix, module in model.named_modules()
+            if callable(getattr(module, "gather_expert_state", None))]
+
+
+def gather_rows(t: Tensor, ep: ExpertParallel) -> Tensor:
+    """[n, ...] on every rank of the expert-parallel group -> [ep · n, ...] in rank order."""
     t = t.contiguous()
     out = t.new_empty((ep.size * t.shape[0], *t.shape[1:]))
     all_gather_flat(out, t, group=ep.group)
@@ -356,24 +316,10 @@ def _gather_rows(t: Tensor, ep: ExpertParallel) -> Tensor:
 
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor], strict: bool = True):
     """Load a `full_state_dict` (global experts, any ep_size wrote it) into a model that
-    may be sharded: expert tensors are sliced to this rank's experts first."""
+    may be sharded: each expert holder slices its tensors to this rank's experts first."""
     local = dict(state)
-    for prefix, module in model.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        if isinstance(module, Experts) and module.n_local != module.n_global:
-            for name in ("w1", "w3", "w2"):
-                key = prefix + name
-                if key in local:
-                    local[key] = local[key][module.first:module.first + module.n_local]
-        elif isinstance(module, DeepSpeedMoE) and module.moe.num_local_experts != module.moe.num_experts:
-            n_local = module.moe.num_local_experts
-            first = groups.ep_rank_world()[0] * n_local
-            head = f"{prefix}moe.deepspeed_moe.experts.deepspeed_experts."
-            for key in [k for k in local if k.startswith(head)]:
-                _, index, rest = _ds_expert_key(key)
-                value = local.pop(key)
-                if first <= index < first + n_local:
-                    local[f"{head}{index - first}.{rest}"] = value
+    for prefix, module in _expert_holders(model):
+        module.slice_expert_state(local, prefix)
     return model.load_state_dict(local, strict=strict)
 
 

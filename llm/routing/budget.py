@@ -1,10 +1,9 @@
-"""The global LapSum expert budget shared by all routed layers (SPEC.md §3.3)."""
+"""The global LapSum expert budget shared by all routed layers (docs/lapsum.md#budget)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from llm.config import RoutingConfig
 
 
 class ExpertBudget(nn.Module):
@@ -15,12 +14,12 @@ class ExpertBudget(nn.Module):
     k_l = k̄ for every layer.
     """
 
-    def __init__(self, cfg: RoutingConfig, n_layers: int):
+    def __init__(self, k_mean: float, learned: bool, n_layers: int):
         super().__init__()
         self.n_layers = n_layers
-        self.total = cfg.k_mean * n_layers  # K
+        self.total = k_mean * n_layers  # K
         eta = torch.zeros(n_layers)
-        if cfg.budget == "learned":
+        if learned:
             self.eta = nn.Parameter(eta)
         else:
             self.register_buffer("eta", eta)

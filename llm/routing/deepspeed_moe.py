@@ -6,9 +6,9 @@ under expert parallelism) with our SwiGLU experts, in the decoder's FFN slot:
 
 Settings, and how they differ from our `topk` router:
 - capacity dropping is on (DeepSpeed's MoE has no dropless top-1/top-2 path that stays
-  causal); capacity = ceil(ds_capacity_factor · tokens · k / E), min_capacity 0 so that
+  causal); capacity = ceil(capacity_factor · tokens · k / E) (model.routing.deepspeed_topk), min_capacity 0 so that
   a single decoding token still gets a slot. Dropping depends on the other tokens of the
-  micro-batch, so this baseline is not causal under capacity (SPEC §2): use it for
+  micro-batch, so this baseline is not causal under capacity (docs/routing.md#capacity): use it for
   throughput and loss comparisons, not for the causality test.
 - `use_rts=False`: overflow tokens are dropped by gate score, not at random, and
   `top2_2nd_expert_sampling=False`: the second expert is the second largest, not drawn
@@ -17,20 +17,40 @@ Settings, and how they differ from our `topk` router:
 - Only the load-balancing loss (DeepSpeed's l_aux), weighted by aux_loss_coef; no z-loss.
 
 Expert parallelism: the layer is built with all E experts (same init on every rank,
-like every other layer) and `llm.parallel.expert.shard_experts` keeps this rank's
-slice; DeepSpeed's engine then hands it the expert-parallel group through
+like every other layer) and its `shard` keeps this rank's slice; DeepSpeed's engine then hands it the expert-parallel group through
 `set_deepspeed_parallelism`, which needs torch.distributed initialised. A single
 process without torch.distributed can still run it with all experts (evaluation,
 generation).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from llm.config import ModelConfig
+from llm.config import ConfigError, ModelConfig, RouterOptions
+from llm.initialization import output_std
 from llm.routing.experts import swiglu
+from llm.routing.registry import RouterSpec, register
+
+# The expert weights' keys inside this layer's state dict: `<prefix><_EXPERTS><i>.<rest>`.
+_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
+
+
+@dataclass
+class DeepSpeedTopKConfig(RouterOptions):
+    """model.routing.deepspeed_topk."""
+
+    k: int = 2  # experts per token
+    capacity_factor: float = 1.25  # DeepSpeed's capacity: ceil(capacity_factor · tokens · k / E)
+    flat_names = {"top_k": "k", "ds_capacity_factor": "capacity_factor"}
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        n_experts = model.routing.n_experts
+        if not 1 <= self.k <= n_experts:
+            raise ConfigError(f"{key}.k={self.k}: expected 1 <= k <= model.routing.n_experts={n_experts}")
 
 
 class SwiGLUExpert(nn.Module):
@@ -74,15 +94,13 @@ class DeepSpeedMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from llm.model import output_std
-
-        r = cfg.routing
+        r, o = cfg.routing, cfg.routing.options
         d_expert = r.d_expert or cfg.d_ff
-        self.top_k = r.top_k
+        self.top_k = o.k
         self.aux_loss_coef = r.aux_loss_coef
         self.moe = _deepspeed_moe_class()(
             hidden_size=cfg.d_model, expert=SwiGLUExpert(cfg.d_model, d_expert), num_experts=r.n_experts,
-            ep_size=1, k=r.top_k, capacity_factor=r.ds_capacity_factor, eval_capacity_factor=r.ds_capacity_factor,
+            ep_size=1, k=o.k, capacity_factor=o.capacity_factor, eval_capacity_factor=o.capacity_factor,
             min_capacity=0, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
         # DeepSpeed deep-copies one expert E times: give each its own draw, in expert order.
         for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:
@@ -106,3 +124,58 @@ class DeepSpeedMoE(nn.Module):
             return {}
         counts = self._counts.float()
         return {"k": torch.tensor(float(self.top_k)), "load": counts / counts.sum().clamp(min=1)}
+
+    def shard(self, ep, merge_mode: str = "auto") -> None:
+        """Keep this rank's experts; DeepSpeed's engine hands the layer its group later.
+        `merge_mode` is for layers that merge experts; this one exchanges tokens."""
+        from llm.parallel.expert import mark_expert_params
+
+        moe = self.moe
+        inner = moe.deepspeed_moe
+        n_local = moe.num_experts // ep.size
+        first = ep.rank * n_local
+        store = inner.experts
+        store.deepspeed_experts = nn.ModuleList(list(store.deepspeed_experts)[first:first + n_local])
+        store.num_local_experts = n_local
+        for obj in (moe, inner):
+            obj.ep_size = ep.size
+            obj.num_local_experts = n_local
+        moe.expert_group_name = inner.ep_group_name = ep.group_name
+        mark_expert_params(store.parameters(), ep.size)
+        inner._set_ep_group(ep.group)
+
+    def _sharded(self) -> bool:
+        return self.moe.num_local_experts != self.moe.num_experts
+
+    def gather_expert_state(self, state: dict[str, torch.Tensor], prefix: str, ep) -> None:
+        """Under expert parallelism, rename local experts `<i>` to global ids, gathering every rank's."""
+        if not self._sharded():
+            return
+        from llm.parallel.expert import gather_rows
+
+        n_local, head = self.moe.num_local_experts, prefix + _EXPERTS
+        for key in [k for k in state if k.startswith(head)]:
+            local, rest = key[len(head):].split(".", 1)
+            gathered = gather_rows(state.pop(key)[None], ep)  # [ep, ...]: local expert `local` of each rank
+            for src in range(ep.size):
+                state[f"{head}{src * n_local + int(local)}.{rest}"] = gathered[src]
+
+    def slice_expert_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Keep this rank's experts of a global state, renamed to local ids."""
+        if not self._sharded():
+            return
+        from llm.parallel import groups
+
+        n_local, head = self.moe.num_local_experts, prefix + _EXPERTS
+        first = groups.ep_rank_world()[0] * n_local
+        for key in [k for k in state if k.startswith(head)]:
+            index, rest = key[len(head):].split(".", 1)
+            value = state.pop(key)
+            if first <= int(index) < first + n_local:
+                state[f"{head}{int(index) - first}.{rest}"] = value
+
+
+register(RouterSpec(
+    name="deepspeed_topk", layer=DeepSpeedMoE, active_experts=lambda cfg: cfg.routing.options.k,
+    options=DeepSpeedTopKConfig, capacity=lambda cfg: cfg.routing.options.capacity_factor, needs_process_group=True,
+    export_refusal="DeepSpeed's own MoE layer drops tokens by capacity"))

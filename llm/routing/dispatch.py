@@ -1,4 +1,4 @@
-"""The one dispatcher (SPEC.md §2): move token-slots to their experts and back.
+"""The one dispatcher (docs/routing.md#dispatcher): move token-slots to their experts and back.
 
 Every router's `Routing` (chosen experts and weights, [N, m] slots per token) is run
 the same way:
@@ -11,7 +11,7 @@ the same way:
    slots per expert; an expert keeps the first `capacity` of its slots in position
    order and the rest skip it (residual only). Never by score or at random: whether
    token (b, t) is kept depends only on tokens at positions ≤ t, so capacity mode stays
-   causal (SPEC §6). `capacity_factor=None` (the default) is dropless.
+   causal (docs/routing.md#causality). `capacity_factor=None` (the default) is dropless.
 3. **Exchange** (`TokenExchange`): hands the expert-sorted rows to the ranks that hold
    the experts and brings the results back. `LocalExchange` (all experts on this rank)
    is the identity; expert parallelism plugs in an all-to-all here without touching

@@ -73,3 +73,19 @@ class Experts(nn.Module):
         return tuple(
             merge(weights, w.flatten(1)).to(w.dtype).view(weights.shape[0], *w.shape[1:])
             for w in (self.w1, self.w3, self.w2))
+
+    def gather_expert_state(self, state: dict[str, torch.Tensor], prefix: str, ep) -> None:
+        """Under expert parallelism, replace this store's tensors in `state` by the global [E, ...] ones."""
+        if self.n_local != self.n_global:
+            from llm.parallel.expert import gather_rows
+
+            for name in ("w1", "w3", "w2"):
+                state[prefix + name] = gather_rows(getattr(self, name).detach(), ep)
+
+    def slice_expert_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Cut the global [E, ...] tensors in `state` to this rank's experts."""
+        if self.n_local != self.n_global:
+            for name in ("w1", "w3", "w2"):
+                key = prefix + name
+                if key in state:
+                    state[key] = state[key][self.first:self.first + self.n_local]

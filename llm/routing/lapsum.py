@@ -1,4 +1,4 @@
-"""The LapSum soft top-k operator (SPEC.md §3.1).
+"""The LapSum soft top-k operator (docs/lapsum.md).
 
 p_i = F((r_i − t)/α) with F the Laplace CDF and t the unique threshold with Σ_i p_i = k.
 The forward pass finds t in closed form (sorted scores, prefix sums, one quadratic root
@@ -9,7 +9,7 @@ than 2k scores lie above t (and fewer than 2(E − k) below). With m = ⌊2k⌋ 
 threshold lies at or above the m-th largest score, and the scores below that one enter
 the closed form only through one sum. For the usual k ≪ E this replaces the full sort by
 the top m values and the prefix scans by recurrences along them. Wide windows (k and
-E − k both large) use the full sort and logcumsumexp exactly as written in the SPEC.
+E − k both large) use the full sort and logcumsumexp exactly as written in docs/lapsum.md#forward.
 
 On CPU the top m values come from a bitonic tournament of elementwise max/min over
 column blocks: torch.topk there selects row by row on (value, index) pairs and, for
@@ -147,7 +147,7 @@ def _root(log_p: Tensor, log_q: Tensor, e: Tensor) -> Tensor:
 
 
 def _forward_sorted(scores, k, inv_alpha, unit):
-    """SPEC §3.1 as written: full sort and logcumsumexp. Returns u = (r − t)/α [N, E],
+    """docs/lapsum.md#forward as written: full sort and logcumsumexp. Returns u = (r − t)/α [N, E],
     min_i |u_i| [N, 1] and a spare [N, E] buffer for _weights.
 
     The sums found b in the absolute frame s = r/α, where b carries an error of about
@@ -208,7 +208,7 @@ def _forward_window(scores, k, inv_alpha, unit, m, flip):
     buffer = d.clamp_max(0.0).exp_()  # [N, E]
     rest = (buffer.sum(-1) - m).clamp_min_(0.0).unsqueeze(0)  # Σ_rest e^d  [1, N]
 
-    # The SPEC's A (scores ranked at or above h_j) and B (at or below, plus the rest) at
+    # The A of docs/lapsum.md#forward (scores ranked at or above h_j) and B (at or below, plus the rest) at
     # each window score, by recurrences along the window: every factor e^{h_{j+1} − h_j}
     # is ≤ 1, so nothing overflows and A, B ∈ [1, E].
     step = (h[1:] - h[:-1]).exp_()  # [m − 1, N]

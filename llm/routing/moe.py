@@ -1,14 +1,16 @@
-"""The routed FFN layer: router + dispatcher + experts (SPEC.md §2, §3).
+"""The routed FFN layer: router + dispatcher + experts (docs/routing.md, docs/lapsum.md).
 
-`MoELayer(cfg)` fills a block's FFN slot for `router: switch | topk | lapsum`:
-`layer(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`. LapSum takes its budget k_l
-from `ctx.k` (the model's `ExpertBudget`); called without one it uses k_mean.
+`MoELayer(cfg, router)` fills a block's FFN slot for every router that returns a `Routing`
+(`llm.routing.topk`, `llm.routing.lapsum_router`, plug-ins):
+`layer(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`. The router is called as
+`router(x [B·T, d], k, ctx) -> Routing` (ctx: the block's `FFNContext`, with the token ids). A router with a budget (LapSum)
+takes its k_l from `ctx.k` (the model's `ExpertBudget`); called without one it uses k_mean.
 
 After every forward, `layer.stats` describes that call, as detached tensors on the
 layer's device (nothing is read back to the host until a logger asks):
 
     k               []      the layer's budget: k_l for LapSum, top_k (1 for switch) otherwise
-    tau             []      LapSum only: the truncation threshold τ in use
+    tau             []      routers with a `tau` buffer (LapSum): the truncation threshold in use
     active_mean     []      experts computed per token, mean over tokens
     active_per_token [B, T] experts computed per token (int16)
     active_hist     [m + 1] number of tokens that computed 0, 1, ..., m experts
@@ -30,47 +32,39 @@ import torch
 from torch import Tensor, nn
 
 from llm.config import ModelConfig
+from llm.initialization import output_std
 from llm.routing.dispatch import Dispatcher, DispatchInfo
 from llm.routing.experts import Experts
-from llm.routing.routers import LapSumRouter, TopKRouter
-
-
-def build_router(cfg: ModelConfig) -> nn.Module:
-    r = cfg.routing
-    common = dict(d_model=cfg.d_model, n_experts=r.n_experts, init_std=cfg.init_std,
-                  aux_loss_coef=r.aux_loss_coef, z_loss_coef=r.z_loss_coef)
-    if r.router in ("switch", "topk"):
-        return TopKRouter(k=1 if r.router == "switch" else r.top_k, **common)
-    if r.router == "lapsum":
-        return LapSumRouter(k_max=max_budget(cfg), alpha=r.alpha, tau=r.tau, expansion_cap=r.expansion_cap,
-                            tau_control=r.tau_control, tau_ema=r.tau_ema, keep_top1=r.keep_top1, **common)
-    raise ValueError(f"MoELayer does not implement router {r.router!r}")
-
-
-def max_budget(cfg: ModelConfig) -> float:
-    """The largest k_l the budget can give one layer: k̄ when fixed, 1 + (K − L) when learned."""
-    r = cfg.routing
-    n_routed = max(1, len(cfg.routed_layers()))
-    return r.k_mean if r.budget == "fixed" else 1.0 + (r.k_mean - 1.0) * n_routed
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, router: nn.Module, k_default: Optional[float] = None):
         super().__init__()
-        from llm.model import output_std
-
         r = cfg.routing
-        self.router = build_router(cfg)
+        self.router = router
         self.experts = Experts(r.n_experts, cfg.d_model, r.d_expert or cfg.d_ff, cfg.init_std, output_std(cfg))
         self.dispatcher = Dispatcher(r.n_experts, r.capacity_factor)
-        self.is_lapsum = r.router == "lapsum"
-        self.register_buffer("k_default", torch.tensor(r.k_mean, dtype=torch.float64), persistent=False)
+        # The budget a router with one (LapSum) uses when the model passes none; others ignore k.
+        self.register_buffer("k_default", None if k_default is None else torch.tensor(k_default, dtype=torch.float64),
+                             persistent=False)
         self._last: Optional[tuple[dict[str, Tensor], DispatchInfo, int, int]] = None
+
+    @property
+    def n_experts(self) -> int:
+        return self.experts.n_global
+
+    def shard(self, ep, merge_mode: str = "auto") -> None:
+        """Expert parallelism (docs/expert-parallel.md#exchange): keep this rank's experts and
+        exchange tokens by all-to-all. `merge_mode` is for layers that merge experts."""
+        from llm.parallel.expert import AllToAllExchange, shard_store
+
+        shard_store(self.experts, ep)
+        self.dispatcher.exchange = AllToAllExchange(ep, self.experts.n_global)
 
     def forward(self, x: Tensor, ctx=None) -> tuple[Tensor, Tensor]:
         B, T, d = x.shape
         k = ctx.k if ctx is not None and ctx.k is not None else self.k_default
-        routing = self.router(x.reshape(B * T, d), k)
+        routing = self.router(x.reshape(B * T, d), k, ctx)
         y, info = self.dispatcher(x, routing, self.experts)
         # Detached views (no copies): the stats never hold on to the autograd graph.
         self._last = ({name: getattr(routing, name).detach() for name in ("k", "probs", "lb_loss", "z_loss")},
@@ -99,6 +93,6 @@ class MoELayer(nn.Module):
                 "lb_loss": routing["lb_loss"],
                 "z_loss": routing["z_loss"],
             }
-            if self.is_lapsum:
+            if isinstance(getattr(self.router, "tau", None), Tensor):
                 stats["tau"] = self.router.tau.detach().clone()
         return stats

@@ -1,4 +1,4 @@
-"""SMEAR made causal: segment-shifted soft merging of experts (SPEC.md §4).
+"""SMEAR made causal: segment-shifted soft merging of experts (docs/smear.md).
 
 Each sequence is cut into segments of S tokens. Segment j runs through ONE SwiGLU expert
 whose parameters are the routing-weighted average of all E experts' parameters,
@@ -15,7 +15,7 @@ no past and uses a learned prior e_0 = softmax(ρ).
 Options (`model.routing`):
 - `first_segment: self_stopgrad` is Lory's choice, kept for comparison: segment 0 is routed
   on its own mean with a stop-gradient. Its forward pass sees the future of segment 0, so
-  it fails the causality test (SPEC §6), and it cannot decode incrementally.
+  it fails the causality test (docs/routing.md#causality), and it cannot decode incrementally.
 - `expert_dropout` p: in training each e_{j,i} is zeroed with probability p and the rest
   renormalised (at least one expert always survives).
 - `recompute`: merge + apply run under non-reentrant activation checkpointing, so the
@@ -51,17 +51,46 @@ segment (T ≤ S, or a decoding step inside a segment). The layer adds no auxili
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from llm.config import ModelConfig
+from llm.config import ConfigError, ModelConfig, RouterOptions, _choice, _positive
+from llm.initialization import output_std
 from llm.routing.experts import Experts, swiglu
+from llm.routing.registry import ExportError, LayerExport, RouterSpec, experts_spec, export_parameters, register
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # w1, w3 [G, d, f], w2 [G, f, d]
+
+
+@dataclass
+class SMEARConfig(RouterOptions):
+    """model.routing.smear: SMEAR, segment-shifted (docs/smear.md)."""
+
+    segment_len: int = 256
+    expert_dropout: float = 0.1
+    first_segment: str = "prior"  # prior (causal) | self_stopgrad (Lory, leaks)
+    reset_at_eos: bool = False  # a segment after one that contains EOS is routed by the prior
+    eos_id: int = 2  # EOS id for reset_at_eos; 2 is what `llm prepare`'s tokenizer uses
+    recompute: bool = False  # recompute merged weights in backward instead of keeping them
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        _positive(f"{key}.segment_len", self.segment_len)
+        _choice(f"{key}.first_segment", self.first_segment, ("prior", "self_stopgrad"))
+        if not 0 <= self.expert_dropout < 1:
+            raise ConfigError(f"{key}.expert_dropout={self.expert_dropout}: expected 0 <= p < 1")
+        if self.reset_at_eos and self.eos_id < 0:
+            raise ConfigError(f"{key}.eos_id={self.eos_id}: reset_at_eos needs the EOS token id (>= 0)")
+
+    def validate_seq_len(self, seq_len: int, key: str) -> None:
+        if self.segment_len >= seq_len:
+            raise ConfigError(
+                f"{key}.segment_len={self.segment_len} must be < data.seq_len={seq_len}: SMEAR routes each "
+                f"segment with the previous one, so with one segment per sequence the router is never used")
 
 
 class SegmentRouter(nn.Module):
@@ -167,15 +196,13 @@ class SMEARLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from llm.model import output_std
-
-        r = cfg.routing
-        self.segment_len = r.segment_len
-        self.p_drop = r.expert_dropout
-        self.first_segment = r.first_segment
-        self.reset_at_eos = r.reset_at_eos
-        self.eos_id = r.eos_id
-        self.recompute = r.recompute
+        r, o = cfg.routing, cfg.routing.options
+        self.segment_len = o.segment_len
+        self.p_drop = o.expert_dropout
+        self.first_segment = o.first_segment
+        self.reset_at_eos = o.reset_at_eos
+        self.eos_id = o.eos_id
+        self.recompute = o.recompute
         # At init the router is near uniform and the merged expert is the mean of E random
         # experts, whose weights shrink by 1/√E (output by ~E^-1.5 through SwiGLU): drawing
         # the experts √E wider gives the merged expert a dense FFN's scale (docs/smear.md#init-scale).
@@ -184,21 +211,22 @@ class SMEARLayer(nn.Module):
                                output_std(cfg) * widen)
         self.router = SegmentRouter(cfg.d_model, r.n_experts, cfg.norm_eps)
         self.prior = nn.Parameter(torch.zeros(r.n_experts))  # ρ; uniform at init
+        # θ̄_g = Σ_e w[g, e] θ_e for G routing groups, w [G, E] over the global experts: the one
+        # place expert parallelism plugs in (`shard` installs the cross-rank merge).
+        self.merge: Callable[[torch.Tensor], Merged] = self.experts.merged
         self.stats: dict[str, torch.Tensor] = {}
 
-    def merge(self, weights: torch.Tensor) -> Merged:
-        """θ̄_g = Σ_e weights[g, e] θ_e for G routing groups; weights [G, E] over the global experts.
+    @property
+    def n_experts(self) -> int:
+        return self.experts.n_global
 
-        The one place expert parallelism plugs in (SPEC §4): a rank holding the experts
-        [first, first + E_local) merges its slice and the partial merges are summed across
-        ranks, or the layer's experts are all-gathered first and merged locally.
-        `llm.parallel.expert.shard_experts` replaces this method on each layer it shards.
-        """
-        ex = self.experts
-        if ex.n_local != ex.n_global:
-            raise RuntimeError("SMEAR with sharded experts needs the cross-rank merge that "
-                               "llm.parallel.expert.shard_experts installs")
-        return ex.merged(weights[:, ex.first:ex.first + ex.n_local])
+    def shard(self, ep, merge_mode: str = "auto") -> None:
+        """Expert parallelism (docs/expert-parallel.md#smear-merge): keep this rank's experts and
+        merge across ranks, by all-gather or reduce-scatter (`merge_mode`: auto | gather | reduce)."""
+        from llm.parallel.expert import ExpertParallelMerge, shard_store
+
+        shard_store(self.experts, ep)
+        self.merge = ExpertParallelMerge(self.experts, ep, merge_mode)
 
     def _merge_apply(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Merge the expert of every segment of x [B, T, d] (weights [B, nseg, E]) and apply it."""
@@ -322,3 +350,24 @@ class SMEARLayer(nn.Module):
             "routed_segments": n.long(),
             "prior_segments": m.numel() - n.long(),
         }
+
+
+def smear_export(ffn: nn.Module, cfg: ModelConfig, k: Optional[float] = None) -> LayerExport:
+    if ffn.first_segment != "prior":
+        raise ExportError(
+            f"model.routing.smear.first_segment={ffn.first_segment!r} routes segment 0 on its own future "
+            f"and cannot decode incrementally: only first_segment=prior can be exported")
+    spec = {"ffn": "smear", **experts_spec(cfg), "segment_len": ffn.segment_len,
+            "norm_eps": ffn.router.norm.eps, "reset_at_eos": ffn.reset_at_eos, "eos_id": ffn.eos_id}
+    return LayerExport(spec, export_parameters(ffn))
+
+
+def future_leak(cfg: ModelConfig) -> Optional[str]:
+    if cfg.routing.options.first_segment == "self_stopgrad":
+        return "SMEAR with first_segment=self_stopgrad (segment 0 is routed on its own future tokens)"
+    return None
+
+
+register(RouterSpec(name="smear", layer=SMEARLayer, active_experts=lambda cfg: 1, options=SMEARConfig,
+                    export=smear_export, capacity=lambda cfg: None, future_leak=future_leak,
+                    selects_experts=False))

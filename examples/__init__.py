@@ -1,0 +1,1 @@
+"""Plug-ins that live outside the `llm` package (README "Adding a router")."""

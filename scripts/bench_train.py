@@ -55,7 +55,7 @@ def config(args, model: str, variant: str) -> Config:
     return load_config(None, common + [
         f"model.routing.router={model}", f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
         f"model.n_heads={args.heads}", f"model.d_ff={4 * args.d_model}", f"model.vocab_size={args.vocab}",
-        "model.routing.n_experts=8", "model.routing.smear.segment_len=64"])
+        "model.routing.n_experts=8"] + (["model.routing.smear.segment_len=64"] if model == "smear" else []))
 
 
 def bare_step(cfg: Config, device: torch.device) -> Step:

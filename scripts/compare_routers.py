@@ -46,7 +46,8 @@ from llm.config import Config, ConfigError, load_config, load_saved_config, to_d
 
 log = logging.getLogger("llm.study")
 
-ROUTER_CONFIGS = ["tiny-dense", "tiny-switch", "tiny-topk", "tiny-lapsum", "tiny-lapsum-fixed", "tiny-smear"]
+ROUTER_CONFIGS = ["tiny-dense", "tiny-switch", "tiny-topk", "tiny-lapsum", "tiny-lapsum-fixed", "tiny-smear",
+                  "tiny-hash"]
 # The sections that decide what a run computes (`log` and `eval` only observe it), and the keys
 # of theirs that may differ between runs: the FFN, the run's directory, and the seed of a repetition.
 TRAINING_SECTIONS = ("model", "data", "train", "parallel")
@@ -60,6 +61,7 @@ class Study:
     out: Path
     configs: list[Path]
     seeds: list[int]
+    repeat: Optional[list[str]] = None  # config stems run at every seed; the rest at the first (None: all)
     heldout: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     limit: int = 200
@@ -86,6 +88,8 @@ def plan(study: Study) -> list[Run]:
     runs = []
     for seed in study.seeds:
         for path in study.configs:
+            if seed != study.seeds[0] and study.repeat is not None and path.stem not in study.repeat:
+                continue
             name = f"{path.stem}-s{seed}"
             overrides = [f"data.corpus={json.dumps(study.corpus)}", f"train.max_steps={study.steps}",
                          f"train.seed={seed}", f"train.out_dir={study.out / 'runs' / name}", "train.resume=auto",
@@ -329,6 +333,9 @@ def parse(argv: Optional[list[str]] = None) -> Study:
                    default=[REPO / "configs" / f"{name}.yaml" for name in ROUTER_CONFIGS],
                    help="config files (default: the tiny config of every router)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each repetition")
+    p.add_argument("--repeat", nargs="+", default=None, metavar="CONFIG",
+                   help="run only these configs (file stems) at every seed, the others at the first seed only: "
+                        "the seed-to-seed spread of a few configs at the cost of a few runs (default: all at all)")
     p.add_argument("--heldout", nargs="*", default=[], metavar="FILE",
                    help="UTF-8 text files the models never trained on (llm eval --text)")
     p.add_argument("--tasks", default="lambada_openai,hellaswag,winogrande", help="lm-eval tasks ('' = none)")
@@ -341,7 +348,11 @@ def parse(argv: Optional[list[str]] = None) -> Study:
     if a.steps <= 0:
         p.error(f"--steps {a.steps}: expected a positive number")
     eval_data = a.eval_data or os.environ.get("LLM_EVAL_DATA") or str(REPO / "eval" / "sample")
+    unknown = sorted(set(a.repeat or []) - {path.stem for path in a.configs})
+    if unknown:
+        p.error(f"--repeat {' '.join(unknown)}: not among --configs ({', '.join(path.stem for path in a.configs)})")
     return Study(corpus=a.corpus, steps=a.steps, out=a.out.resolve(), configs=a.configs, seeds=a.seeds,
+                 repeat=a.repeat,
                  heldout=a.heldout, tasks=[t for t in a.tasks.split(",") if t], limit=a.limit,
                  eval_data=eval_data, overrides=a.overrides)
 

@@ -219,6 +219,10 @@ def budget_check(budgets, total: float) -> dict:
             "k_last": ks[-1].tolist()}
 
 
+# Routers trained once more at ep_size 2 with activation checkpointing (mode), against the plain ep_size 2 run.
+CHECKPOINTED = {"topk": "full", "lapsum": "selective", "smear": "full", "deepspeed_topk": "full"}
+
+
 def case_train() -> dict:
     """ep_size 2 vs 1 under DeepSpeed: losses and grad norms over 5 steps, per router and ZeRO stage."""
     routers = {
@@ -247,6 +251,12 @@ def case_train() -> dict:
             del engine
         if grads[1] and router != "deepspeed_topk":
             res["reduced_grads"] = compare_reduced_grads(grads[1], grads[2])
+        if zero == 0 and dtype == "fp32" and router in CHECKPOINTED:
+            # Activation checkpointing recomputes the block (dispatch, exchange, dropout) in backward.
+            cfg = train_cfg(router, 2, zero, **routers[router])
+            cfg.train.activation_checkpointing = CHECKPOINTED[router]
+            _, losses, norms, *_ = run_steps(cfg)
+            res["ep2_checkpointed"] = {"losses": losses, "grad_norms": norms}
         out[f"{router}_zero{zero}" + ("_bf16" if dtype == "bf16" else "")] = res
     return out
 

@@ -83,6 +83,16 @@ def test_ep2_trains_like_ep1(ep, router):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "lapsum", "smear", "deepspeed_topk"])
+def test_activation_checkpointing_under_ep2_is_bit_identical(ep, router):
+    """Recomputing blocks in backward (their all-to-all exchange, expert dropout and routing
+    included) changes no loss and no gradient norm, bit for bit, at ep_size 2."""
+    run = ep["train"][f"{router}_zero0"]
+    assert run["ep2_checkpointed"]["losses"] == run["ep2"]["losses"]
+    assert run["ep2_checkpointed"]["grad_norms"] == run["ep2"]["grad_norms"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["topk", "lapsum", "smear", "hash"])
 def test_expert_gradients_reduced_within_expert_data_parallel_group(ep, router):
     """After DeepSpeed's reduction (`allreduce=False` parameters: only within the

@@ -10,6 +10,8 @@ Per router, every variant starts from the same weights and trains on the same ba
 - `trainer`: the same step through the DeepSpeed engine `llm train` builds
   (`llm.parallel.build_engine`), which also applies train.compile / activation_checkpointing;
 - `compile`, `ckpt full`, `ckpt selective`: the trainer with that switch on.
+The variants are built side by side and timed in rounds (one step of each variant per round,
+on the same batch), so a machine whose load drifts slows them alike and the ratios hold.
 Reported: median step time after `--warmup` steps (compilation happens there), tokens/s,
 the ratio to `trainer` (and of `trainer` to `bare`: the trainer's overhead), and peak memory
 of one step above its start (CUDA: max_memory_allocated; CPU: the running sum of the
@@ -119,34 +121,40 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> float:
 
 
 def bench(args, router: str, device: torch.device) -> list[dict]:
+    """Every variant of one router, their timed steps interleaved round by round (see the module
+    docstring), so that a change in the machine's load falls on all of them alike."""
     gen = torch.Generator().manual_seed(0)
     vocab = config(args, router, "bare").model.vocab_size
     batches = [torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=gen).to(device)
                for _ in range(args.warmup + args.steps + 1)]
-    rows = []
-    for variant in args.variants:
-        cfg = config(args, router, variant)
-        step = (bare_step if variant == "bare" else trainer_step)(cfg, device)
-        times, losses = [], []
-        for i, ids in enumerate(batches[:-1]):
+    cfgs = {variant: config(args, router, variant) for variant in args.variants}
+    steps = {variant: (bare_step if variant == "bare" else trainer_step)(cfg, device) for variant, cfg in cfgs.items()}
+    times: dict[str, list[float]] = {variant: [] for variant in steps}
+    losses: dict[str, list[float]] = {variant: [] for variant in steps}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    for i, ids in enumerate(batches[:-1]):
+        for variant, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
-            losses.append(step(ids[:, :-1], ids[:, 1:]))
+            start = clock()
+            losses[variant].append(step(ids[:, :-1], ids[:, 1:]))
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        last = batches[-1]
+                times[variant].append(clock() - start)
+    last = batches[-1]
+    rows = []
+    for variant, step in steps.items():
         peak = peak_bytes(lambda: step(last[:, :-1], last[:, 1:]), device)
-        seconds = statistics.median(times)
+        seconds = statistics.median(times[variant])
         tokens_per_s = args.batch * args.seq_len / seconds
-        row = {"router": Path(router).stem if router.endswith(".yaml") else router, "variant": variant, "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s,
-               "peak_mib": peak / MiB, "first_loss": losses[0], "last_loss": losses[-1]}
+        row = {"router": Path(router).stem if router.endswith(".yaml") else router, "variant": variant,
+               "step_ms": 1e3 * seconds, "tokens_per_s": tokens_per_s, "peak_mib": peak / MiB,
+               "first_loss": losses[variant][0], "last_loss": losses[variant][-1]}
         if args.peak_tflops:
-            row["mfu"] = flops_per_token(cfg.model, args.seq_len) * tokens_per_s / (args.peak_tflops * 1e12)
+            row["mfu"] = flops_per_token(cfgs[variant].model, args.seq_len) * tokens_per_s / (args.peak_tflops * 1e12)
         rows.append(row)
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    del steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     base = next((r for r in rows if r["variant"] == "trainer"), rows[0])
     for r in rows:
         r["vs_trainer"] = r["step_ms"] / base["step_ms"]
@@ -175,6 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6, help="timed steps; the median is reported")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="step time as wall time, or as this process's CPU time: steadier on a CPU shared with other "
+                         "jobs (run with OMP_NUM_THREADS=1 then; meaningless on a GPU)")
     ap.add_argument("--loss-chunk", type=int, default=0)
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (989 for H100/H200 bf16)")
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parallel.init_distributed()
     device = parallel.device()
     rows = [row for router in args.routers for row in bench(args, router, device)]
-    print(f"{device.type}, {torch.get_num_threads()} threads, dtype {args.dtype}, batch {args.batch} x "
+    print(f"{device.type}, {torch.get_num_threads()} threads, {args.clock} clock, dtype {args.dtype}, batch {args.batch} x "
           f"{args.seq_len}, d_model {args.d_model}, {args.layers} layers")
     show(rows)
     if args.json:

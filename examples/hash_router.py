@@ -7,23 +7,25 @@ parallelism, statistics and inspection come with it; only the router is new.
 
 Listed in a config's `imports:` (configs/tiny-hash.yaml), this module registers the router
 `hash` when it is imported; `llm eval`, `llm inspect` and `llm export` import it again from
-the checkpoint's config.
+the checkpoint's config. `HashFFN` is the layer of the exported model: `llm export` appends
+its source, and that of `hashed_expert`, to the exported modeling code
+(docs/routing.md#exported-ffn).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
 
 from llm.config import ModelConfig, RouterOptions
 from llm.routing.moe import MoELayer
-from llm.routing.registry import RouterSpec, register
+from llm.routing.registry import ExportCode, LayerExport, RouterSpec, experts_spec, export_parameters, register
 from llm.routing.routers import Routing, load_balancing_loss
 
-# Knuth's multiplicative hash: consecutive ids land on unrelated experts.
-_GOLDEN = 2654435761
+if TYPE_CHECKING:  # HashFFN runs inside the exported modeling code, which defines these names
+    from llm.export.modeling_routed import Experts, RoutedConfig
 
 
 @dataclass
@@ -33,9 +35,10 @@ class HashConfig(RouterOptions):
     seed: int = 0  # mixed into the hash: another seed, another fixed token → expert map
 
 
-def hashed_expert(input_ids: Tensor, n_experts: int, seed: int) -> Tensor:
+def hashed_expert(input_ids: torch.Tensor, n_experts: int, seed: int) -> torch.Tensor:
     """The expert of every token id (same shape as input_ids), in [0, n_experts)."""
-    return ((input_ids.long() + seed) * _GOLDEN % 2 ** 32) % n_experts
+    golden = 2654435761  # Knuth's multiplicative hash: consecutive ids land on unrelated experts
+    return ((input_ids.long() + seed) * golden % 2 ** 32) % n_experts
 
 
 class HashRouter(nn.Module):
@@ -66,6 +69,29 @@ def hash_layer(cfg: ModelConfig) -> MoELayer:
     return MoELayer(cfg, HashRouter(cfg.routing.n_experts, cfg.routing.options.seed))
 
 
+class HashFFN(nn.Module):
+    """The hash layer of the exported model: each token runs through the expert of its own id,
+    with weight 1. A decoding step passes only the new tokens' ids, which is all it needs."""
+
+    def __init__(self, config: RoutedConfig, spec: dict):
+        super().__init__()
+        self.seed = spec["seed"]
+        self.experts = Experts(spec["n_experts"], config.hidden_size, spec["d_expert"])
+
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], start: int,
+                state: Optional[dict]) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError("hash routing needs input_ids (the token ids choose the experts), not inputs_embeds")
+        flat = x.reshape(-1, x.shape[-1])  # [N, d]
+        experts = hashed_expert(input_ids.reshape(-1, 1), self.experts.w1.shape[0], self.seed)  # [N, 1]
+        weights = torch.ones(experts.shape, device=x.device)  # [N, 1]
+        return self.experts.combine(flat, experts, weights).view_as(x)
+
+
+def hash_export(ffn: MoELayer, cfg: ModelConfig, k: Optional[float] = None) -> LayerExport:
+    return LayerExport({"ffn": "hash", **experts_spec(cfg), "seed": ffn.router.seed}, export_parameters(ffn))
+
+
 register(RouterSpec(
     name="hash", layer=hash_layer, active_experts=lambda cfg: 1, options=HashConfig,
-    export_refusal="the exported modeling code's FFNs see hidden states, not the token ids a hash routes by"))
+    export=hash_export, export_code=ExportCode(ffn=HashFFN, helpers=(hashed_expert,))))

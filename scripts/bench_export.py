@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llm.checkpoint import load_model, write_model_files
-from llm.config import Config, ModelConfig, RoutingConfig, load_config
+from llm.config import Config, ModelConfig, RoutingConfig, import_modules, load_config
 from llm.data import Tokenizer, prepare
 from llm.export import export
 from llm.model import build_model
@@ -41,7 +41,9 @@ TINY = {
     "smear": dict(router="smear", n_experts=8, segment_len=16, reset_at_eos=True),
     "topk every 2": dict(router="topk", n_experts=8, k=2, every=2),
     "lapsum every 2": dict(router="lapsum", n_experts=8, k_mean=1.5, every=2),
+    "hash (plug-in)": dict(router="hash", n_experts=8),
 }
+PLUGINS = ["examples.hash_router"]  # the routers of TINY from outside the package, as a config's `imports:`
 
 
 def save_random_checkpoint(cfg: Config, ckpt: Path, tokenizer: Path, sharpen_routing: bool = False) -> Path:
@@ -100,13 +102,14 @@ def sample_prompts(tok: Tokenizer, n: int, length: int) -> list[list[int]]:
 def tiny_table(tokenizer: Path, vocab: int, work: Path) -> None:
     tok = Tokenizer.load(tokenizer)
     prompts = sample_prompts(tok, 8, 96)
+    import_modules(PLUGINS)
     print("| router | architecture | max abs logit diff (fp32) | greedy continuations equal (32 tokens) |")
     print("|---|---|---|---|")
     for name, routing in TINY.items():
         torch.manual_seed(0)
         model = ModelConfig(vocab_size=vocab, d_model=64, n_layers=4, n_heads=4, d_ff=128, max_seq_len=128,
                             tie_embeddings=False, init_std=0.1, routing=RoutingConfig.build(**routing))
-        cfg = Config(model=model)
+        cfg = Config(model=model, imports=PLUGINS)
         cfg.data.seq_len = model.max_seq_len
         cfg.validate()
         ckpt = save_random_checkpoint(cfg, work / name.replace(" ", "_"), tokenizer, sharpen_routing=True)

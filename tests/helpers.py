@@ -5,6 +5,7 @@ Test files import from here, never from each other.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -175,3 +176,19 @@ def write_checkpoint(path: Path, tokenizer_path: Path, router: str = "dense", vo
     write_model_files(path, build_model(cfg.model).state_dict(), cfg.validate(), tokenizer_path,
                       {"step": 42, "ep_size": ep_size, "world_size": ep_size})
     return path
+
+
+# ---------------------------------------------------------------------------- exported models
+
+# What an exported modeling_routed.py may import: it loads where only torch and transformers are installed.
+EXPORT_IMPORTS = {"__future__", "math", "typing", "torch", "transformers"}
+
+
+def imported_modules(source: str) -> set[str]:
+    """The top-level packages a Python source imports; a relative import counts as its dots ("." or "..")."""
+    tree = ast.parse(source)
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    roots |= {node.module.split(".")[0] if node.level == 0 else "." * node.level
+              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return roots

@@ -3,7 +3,6 @@
 sharding, and lm-eval's own `hf` model against `llm eval`."""
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import os
@@ -15,12 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from examples.hash_router import HashFFN, hashed_expert
 from llm.checkpoint import load_model
 from llm.config import Config, DataConfig
 from llm.data import Tokenizer
 from llm.export import ExportError, export
-from llm.export.convert import MODELING_FILE
-from tests.helpers import MAX_LEN, REPO, SAMPLE, SAMPLE_VOCAB, cli_status, sample_texts
+from llm.export.modeling import MODELING_FILE, modeling_source
+from llm.routing.experts import swiglu
+from llm.routing.registry import ExportCode
+from tests.helpers import (EXPORT_IMPORTS, MAX_LEN, REPO, SAMPLE, SAMPLE_VOCAB, cli_status, imported_modules,
+                           sample_texts)
 from tests.models import tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -139,12 +142,19 @@ def test_sharded_export_loads(tmp_path, tokenizer_path):
 
 
 def test_modeling_file_imports_only_torch_and_transformers():
-    tree = ast.parse(MODELING_FILE.read_text())
-    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-             for alias in node.names}
-    roots |= {node.module.split(".")[0] for node in ast.walk(tree)
-              if isinstance(node, ast.ImportFrom) and node.module}
-    assert roots <= {"__future__", "math", "typing", "torch", "transformers"}, roots
+    roots = imported_modules(MODELING_FILE.read_text())
+    assert roots <= EXPORT_IMPORTS, roots
+
+
+@pytest.mark.parametrize("helpers, message", [
+    ((), "export_code uses hashed_expert, which modeling_routed.py does not define"),
+    ((hashed_expert, lambda ids: ids), "expected functions and classes defined at the top level"),
+    ((hashed_expert, swiglu), "export_code defines swiglu, which modeling_routed.py already defines"),
+], ids=["missing-helper", "lambda", "shadowing"])
+def test_plugin_code_the_exported_file_cannot_run_is_refused(helpers, message):
+    """A plug-in FFN that needs a name of its own module, or shadows one of the exported file's."""
+    with pytest.raises(ExportError, match=message):
+        modeling_source("hash", ExportCode(ffn=HashFFN, helpers=helpers))
 
 
 @pytest.mark.parametrize("routing, message", [

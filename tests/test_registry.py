@@ -137,12 +137,13 @@ def test_hash_router_is_causal():
     assert_causal(model, torch.randint(0, 50, (2, 20)), [0, 7, 19], 50)
 
 
-def test_hash_plugin_trains_inspects_evaluates_and_export_refuses(tmp_path):
+def test_hash_plugin_trains_inspects_evaluates_and_exports(tmp_path):
     """`llm train` with `imports:`, then the checkpoint alone brings the plug-in back: `llm inspect`,
-    `llm eval --text` (against a direct forward of `load_model`), `llm export` (one-line refusal)."""
+    `llm eval --text` (against a direct forward of `load_model`), `llm export` (transformers' model
+    against `load_model`'s: logits, and cached greedy decoding against a full forward)."""
     import json
 
-    from tests.helpers import TINY, make_corpus, ok, run
+    from tests.helpers import EXPORT_IMPORTS, TINY, imported_modules, make_corpus, ok, run
 
     make_corpus(tmp_path / "corpus.jsonl", n_docs=40)
     cfg = json.loads(json.dumps(TINY))
@@ -168,6 +169,20 @@ def test_hash_plugin_trains_inspects_evaluates_and_export_refuses(tmp_path):
     nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="mean").item()
     assert scores["token_perplexity,none"] == pytest.approx(math.exp(nll), rel=1e-4)
 
-    refused = run("export", "run", str(tmp_path / "hf"), cwd=tmp_path)
-    assert refused.returncode == 2 and refused.stderr.strip().startswith(
-        "error: model.routing.router='hash' cannot be exported")
+    # The plug-in's FFN travels in the exported modeling file, which needs neither llm nor examples.
+    ok(run("export", "run", str(tmp_path / "hf"), cwd=tmp_path))
+    assert imported_modules((tmp_path / "hf" / "modeling_routed.py").read_text()) <= EXPORT_IMPORTS
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - loaded.model(ids).logits).abs().max() < 1e-4
+        lengths = []
+        hf.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                     with_kwargs=True)
+        # Each cached step sees only its new token's id, which is all hash routing reads.
+        out = hf.generate(ids[:, :5], max_new_tokens=12, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+        full = loaded.model(out.sequences).logits[:, 4:-1]  # what a full forward predicts after each prefix
+    assert lengths[0] == 5 and set(lengths[1:]) == {1} and len(out.logits) == 12
+    assert (torch.stack(out.logits, 1) - full).abs().max() < 1e-4
+    assert out.sequences[0, 5:].tolist() == full[0].argmax(-1).tolist()

@@ -5,7 +5,8 @@
       model.safetensors             or model-0000i-of-0000n.safetensors + model.safetensors.index.json
       generation_config.json        BOS/EOS/PAD ids, greedy by default
       tokenizer.json, tokenizer_config.json
-      modeling_routed.py            only for llm_routed: the model code (torch + transformers only)
+      modeling_routed.py            only for llm_routed: the model code (torch + transformers only),
+                                    with a router plug-in's FFN appended (llm.export.modeling)
 
 The directory is written next to OUT_DIR and renamed into place when complete. Weights
 are written in fp32, as the checkpoint holds them.
@@ -23,12 +24,13 @@ import torch
 
 from llm.checkpoint import load_model
 from llm.export.layers import ExportError, LayerExport, export_layers
+from llm.export.modeling import MODELING_FILE, modeling_source
 from llm.export.native import native_architecture, native_config, native_tensors
 from llm.export.tokenizer import export_tokenizer, special_ids
+from llm.routing import registry
 
 log = logging.getLogger(__name__)
 
-MODELING_FILE = Path(__file__).with_name("modeling_routed.py")
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
 
@@ -121,8 +123,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
     arch = native_architecture(cfg)
     if arch is None:
         config, tensors = routed_config(cfg, layers), routed_tensors(model, layers)
+        modeling = modeling_source(cfg.routing.router, registry.get(cfg.routing.router).export_code)
     else:
         config, tensors = native_config(cfg, arch), native_tensors(model, layers, arch)
+        modeling = None  # transformers ships the model code
     ids = special_ids(loaded.tokenizer)
     config.update(ids, dtype="float32", use_cache=True)
 
@@ -134,8 +138,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False,
         (stage / "config.json").write_text(json.dumps(config, indent=2))
         (stage / "generation_config.json").write_text(json.dumps({**ids, "do_sample": False}, indent=2))
         export_tokenizer(loaded.tokenizer, stage)
-        if arch is None:
-            shutil.copyfile(MODELING_FILE, stage / MODELING_FILE.name)
+        if modeling is not None:
+            (stage / MODELING_FILE.name).write_text(modeling)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

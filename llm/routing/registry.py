@@ -52,6 +52,19 @@ RouterExport = Callable[[nn.Module, "ModelConfig", Optional[float]], LayerExport
 
 
 @dataclass(frozen=True)
+class ExportCode:
+    """A plug-in router's FFN in the exported modeling code (docs/routing.md#exported-ffn).
+
+    The built-in FFNs live in `llm/export/modeling_routed.py`; a router from outside the
+    package hands `llm export` the source of its own, which is appended to the copy of that
+    file written next to the weights and registered in its `FFNS` under the router's name.
+    """
+
+    ffn: type  # built as ffn(config, spec), called as ffn(x [B, T, d], input_ids [B, T] or None, start, state)
+    helpers: tuple[Callable, ...] = ()  # functions and classes `ffn` uses, appended before it in this order
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     """What the rest of the code needs to know about one router.
 
@@ -61,7 +74,8 @@ class RouterSpec:
     when `routed`, `n_experts` and `shard(ep, merge_mode)` (docs/expert-parallel.md#sharding).
     `active_experts(cfg)` is the number of experts one token runs through, for the FLOP count.
     `export` turns a trained layer into the exported modeling code's entry; None means the
-    router cannot be exported, and `export_refusal` says why in a few words.
+    router cannot be exported, and `export_refusal` says why in a few words. `export_code`
+    is the FFN class of a plug-in whose entry names no built-in FFN of the exported code.
     """
 
     name: str
@@ -70,6 +84,7 @@ class RouterSpec:
     options: Optional[type] = None  # dataclass (a `RouterOptions`) of model.routing.<name>; None = no options
     export: Optional[RouterExport] = None
     export_refusal: str = ""
+    export_code: Optional[ExportCode] = None
     # The transformers class that holds this model natively ("llama", "mixtral"), or None when
     # only the exported modeling code reproduces it.
     native_architecture: Optional[Callable[["ModelConfig"], Optional[str]]] = None

@@ -81,6 +81,15 @@ def test_ep2_trains_like_ep1(ep, router):
     losses and the same TRUE global gradient norm (DeepSpeed's own fp32 clipping averages
     per-rank norms instead, see `deepspeed_fp32_norms`)."""
     _same_run(ep["train"][f"{router}_zero0"], loss_tol=1e-5, norm_rtol=1e-5)
+    # The first step's routing statistics, summed over both ranks' batches.
+    from tests.ep_worker import B, T
+
+    one, two = (ep["train"][f"{router}_zero0"][f"ep{n}"]["routing"] for n in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys(), (a, b)
+        assert all(a[key] == (b[key] if b[key] is None else pytest.approx(b[key], rel=1e-6)) for key in a), (a, b)
+    count, per_sequence = ("segments", T // 4 - 1) if router == "smear" else ("tokens", T)  # smear: S = 4
+    assert [r[count] for r in one] == [2 * B * per_sequence] * len(one)  # both ranks' batches
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from llm.config import ConfigError, ModelConfig, RouterOptions
 from llm.initialization import output_std
 from llm.routing.experts import swiglu
 from llm.routing.registry import RouterSpec, register
-from llm.routing.stats import RoutingStats, distribution_counts, slot_counts
+from llm.routing.stats import RoutingStats, bincount, distribution_counts, slot_counts
 
 # The expert weights' keys inside this layer's state dict: `<prefix><_EXPERTS><i>.<rest>`.
 _EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
@@ -133,7 +133,7 @@ class DeepSpeedMoE(nn.Module):
         E = self.n_experts
         with torch.no_grad():
             kept = routes.t() >= 0  # [S, k]
-            computed = torch.bincount(routes.flatten().long() + 1, minlength=E + 1)[1:]  # [E]
+            computed = bincount(routes.long() + 1, E + 1)[1:]  # [E]; bin 0 holds the dropped routes (−1)
             gate = self.moe.deepspeed_moe.gate.wg
             probs = torch.softmax(x.float() @ gate.weight.float().t(), dim=-1)  # [S, E], as the gate computes it
             counts = {**slot_counts(kept, computed, routed.long()), **distribution_counts(probs)}

@@ -59,7 +59,7 @@ from llm.config import ConfigError, ModelConfig, RouterOptions, _choice, _positi
 from llm.initialization import output_std
 from llm.routing.experts import Experts, swiglu
 from llm.routing.registry import ExportError, LayerExport, RouterSpec, experts_spec, export_parameters, register
-from llm.routing.stats import RoutingStats, distribution_counts
+from llm.routing.stats import RoutingStats, bincount, distribution_counts
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # w1, w3 [G, d, f], w2 [G, f, d]
 
@@ -344,7 +344,7 @@ class SMEARLayer(nn.Module):
                       "prior_segments": (~from_router).sum(),
                       "merge_weights": (e * m).sum((0, 1)),
                       "max_weight": (e.amax(-1, keepdim=True) * m).sum(),
-                      "top1": (F.one_hot(e.argmax(-1), E) * m).sum((0, 1))}
+                      "top1": bincount(e.argmax(-1), E, from_router.double())}
         return RoutingStats(counts, {"prior": prior})
 
 

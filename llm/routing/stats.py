@@ -44,14 +44,21 @@ def distribution_counts(probs: Tensor, counted: Optional[Tensor] = None) -> dict
     over those where `counted` [...] (bool) is set, or over all of them."""
     entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [...]
     if counted is None:
-        return {"decisions": torch.tensor(entropy.numel(), device=probs.device),
+        return {"decisions": torch.full((), entropy.numel(), device=probs.device),
                 "entropy": entropy.sum(dtype=torch.float64)}
     return {"decisions": counted.sum(), "entropy": (entropy.double() * counted).sum()}
+
+
+def bincount(index: Tensor, n: int, weights: Optional[Tensor] = None) -> Tensor:
+    """torch.bincount into n bins, without the host sync CUDA's bincount spends on sizing its output."""
+    index = index.reshape(-1).long()
+    weights = torch.ones_like(index) if weights is None else weights.reshape(-1)
+    return weights.new_zeros(n).scatter_add_(0, index, weights)
 
 
 def slot_counts(kept: Tensor, computed: Tensor, routed: Tensor) -> dict[str, Tensor]:
     """Counts of one call's token-slots: kept [N, m] bool (slot computed), computed [E] and
     routed [E] slots per expert, after and before capacity."""
-    return {"tokens": torch.tensor(kept.shape[0], device=kept.device),
-            "active_hist": torch.bincount(kept.sum(-1), minlength=kept.shape[1] + 1),
+    return {"tokens": torch.full((), kept.shape[0], device=kept.device),  # a fill, not a copy from the host
+            "active_hist": bincount(kept.sum(-1), kept.shape[1] + 1),
             "computed": computed, "routed": routed}

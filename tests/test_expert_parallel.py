@@ -264,6 +264,13 @@ def test_deepspeed_moe_stats_count_its_gate_decisions():
     assert c["routed"].tolist() == routed and c["computed"].tolist() == computed
     assert c["active_hist"].tolist() == [active.count(a) for a in range(3)]
     assert float(c["entropy"]) == pytest.approx(float(-(probs * probs.log()).sum()), rel=1e-5)
+    # Without sparse routes (earlier DeepSpeed versions) the gate returns a dispatch mask instead: same counts.
+    from deepspeed.moe.sharded_moe import top2gating
+
+    sparse = layer.stats.counts
+    gate, flat = layer.moe.deepspeed_moe.gate, x.reshape(S, 16)
+    layer._keep_routes(gate, (flat,), top2gating(gate.wg(flat), 0.5, 0, top2_2nd_expert_sampling=False))
+    assert all(torch.equal(v, sparse[key]) for key, v in layer.stats.counts.items())
     tally = RoutingTally([0])
     tally.add(0, layer.stats)
     row = tally.rows(None)[0]

@@ -119,10 +119,13 @@ class DeepSpeedMoE(nn.Module):
         return y.to(x.dtype), self.aux_loss_coef * l_aux.float()
 
     def _keep_routes(self, gate: nn.Module, args: tuple, output: tuple) -> None:
-        """Forward hook on DeepSpeed's gate, the one place that reads its output layout:
-        (l_aux, capacity, E, expert of each route [k, S] int32 (−1: dropped by capacity),
-        locations, weights, routed slots per expert [E]), S tokens of gate input args[0] [S, d]."""
-        self._last = (args[0].detach(), output[3].detach(), output[6].detach())
+        """Forward hook on DeepSpeed's gate, the one place that reads its output. With sparse
+        routes (DeepSpeed 0.19.8) it is (l_aux, capacity, E, expert of each route [k, S] int32
+        (−1: dropped by capacity), locations, weights, routed slots per expert [E]); without,
+        (l_aux, combine weights, dispatch mask [S, E, capacity] bool, routed slots [E]).
+        Kept for `stats`: the gate input args[0] [S, d], the routes or the mask, the routed slots."""
+        routes = output[3] if len(output) == 7 else output[2]
+        self._last = (args[0].detach(), routes.detach(), output[-1].detach())
 
     @property
     def stats(self) -> RoutingStats:
@@ -130,13 +133,16 @@ class DeepSpeedMoE(nn.Module):
         if self._last is None:
             return RoutingStats()
         x, routes, routed = self._last
-        E = self.n_experts
         with torch.no_grad():
-            kept = routes.t() >= 0  # [S, k]
-            computed = bincount(routes.long() + 1, E + 1)[1:]  # [E]; bin 0 holds the dropped routes (−1)
+            if routes.dim() == 3:  # the dispatch mask
+                kept = routes.any(-1)  # [S, E]
+                active, computed = kept.sum(-1), kept.sum(0)
+            else:
+                active = (routes >= 0).sum(0)  # [S]
+                computed = bincount(routes + 1, self.n_experts + 1)[1:]  # [E]; bin 0: the dropped routes
             gate = self.moe.deepspeed_moe.gate.wg
             probs = torch.softmax(x.float() @ gate.weight.float().t(), dim=-1)  # [S, E], as the gate computes it
-            counts = {**slot_counts(kept, computed, routed.long()), **distribution_counts(probs)}
+            counts = {**slot_counts(active, self.top_k, computed, routed.long()), **distribution_counts(probs)}
         return RoutingStats(counts, {"k": torch.tensor(float(self.top_k))})
 
     def shard(self, ep, merge_mode: str = "auto") -> None:

@@ -66,7 +66,8 @@ class MoELayer(nn.Module):
             return RoutingStats()
         k, probs, info = self._last
         with torch.no_grad():
-            counts = {**slot_counts(info.kept, info.counts, info.routed), **distribution_counts(probs)}
+            counts = {**slot_counts(info.kept.sum(-1), info.kept.shape[1], info.counts, info.routed),
+                      **distribution_counts(probs)}
         state = {"k": k}
         if isinstance(getattr(self.router, "tau", None), Tensor):
             state["tau"] = self.router.tau.detach().clone()

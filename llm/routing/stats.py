@@ -56,9 +56,9 @@ def bincount(index: Tensor, n: int, weights: Optional[Tensor] = None) -> Tensor:
     return weights.new_zeros(n).scatter_add_(0, index, weights)
 
 
-def slot_counts(kept: Tensor, computed: Tensor, routed: Tensor) -> dict[str, Tensor]:
-    """Counts of one call's token-slots: kept [N, m] bool (slot computed), computed [E] and
-    routed [E] slots per expert, after and before capacity."""
-    return {"tokens": torch.full((), kept.shape[0], device=kept.device),  # a fill, not a copy from the host
-            "active_hist": bincount(kept.sum(-1), kept.shape[1] + 1),
+def slot_counts(active: Tensor, m: int, computed: Tensor, routed: Tensor) -> dict[str, Tensor]:
+    """Counts of one call's token-slots: active [N] experts computed per token (at most m),
+    computed [E] and routed [E] slots per expert, after and before capacity."""
+    return {"tokens": torch.full((), active.numel(), device=active.device),  # a fill, not a copy from the host
+            "active_hist": bincount(active, m + 1),
             "computed": computed, "routed": routed}

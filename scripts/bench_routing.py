@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -187,13 +187,24 @@ def bench_layers(
 
         t = _time_rounds({name: step(layer) for name, layer in layers.items()}, repeats, min_round_s, clock)
         for name, layer in layers.items():
-            stats = getattr(layer, "stats", {})
-            active = float(stats["active_mean"]) if "active_mean" in stats else float(
-                {"dense": 1, "switch": 1}.get(name, k))
+            active = _active_experts(layer)
+            if active is None:
+                active = float({"dense": 1, "switch": 1}.get(name, k))
             rows.append({"E": n_exp, "k": k, "d_expert": d_expert, "layer": name, "active": active,
                          "ms": 1e3 * t[name], "vs_dense": t[name] / t["dense"],
                          "vs_topk": t[name] / t["topk"]})
     return rows
+
+
+def _active_experts(layer: torch.nn.Module) -> Optional[float]:
+    """Mean experts computed per token in the layer's last forward; None for a layer without statistics."""
+    from llm.inspection.statistics import RoutingTally
+
+    if not hasattr(layer, "stats"):
+        return None
+    tally = RoutingTally([0])
+    tally.add(0, layer.stats)
+    return tally.rows(None)[0]["active_mean"]
 
 
 def _print_table(title: str, rows: list[dict]) -> None:

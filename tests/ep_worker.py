@@ -186,6 +186,8 @@ def run_steps(cfg: Config, steps: int = 5):
         torch.manual_seed(10_000 + 100 * step + rank())  # expert dropout: same draw for ep 1 and 2
         inputs, targets = batch(step)
         out = engine(inputs)
+        if step == 0:
+            routing = routing_rows(engine.module)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten()) + out.aux_loss
         engine.backward(loss)
         if step == 0 and cfg.parallel.zero_stage == 0 and not engine.bfloat16_enabled():
@@ -206,7 +208,18 @@ def run_steps(cfg: Config, steps: int = 5):
         norms.append(None if norm is None else float(norm))
         if engine.module.budget is not None:
             budgets.append(engine.module.budget().detach())
-    return engine, losses, norms, budgets, ds_norms, first_grads
+    return engine, losses, norms, budgets, ds_norms, first_grads, routing
+
+
+def routing_rows(model) -> list[dict]:
+    """The routing statistics of the forward just run, summed over the ranks (as `llm inspect` reports them)."""
+    from llm.inspection.statistics import RoutingTally
+
+    tally = RoutingTally(sorted(model.route_index))
+    for j, ffn in enumerate(model.routed_ffns()):
+        tally.add(j, ffn.stats)
+    tally.all_reduce(torch.device("cpu"))
+    return tally.rows(None)
 
 
 def budget_check(budgets, total: float) -> dict:
@@ -240,8 +253,8 @@ def case_train() -> dict:
         for ep_size in (1, 2):
             cfg = train_cfg(router, ep_size, zero, **routers[router])
             cfg.train.dtype = dtype
-            engine, losses, norms, budgets, ds_norms, grads[ep_size] = run_steps(cfg)
-            res[f"ep{ep_size}"] = {"losses": losses, "grad_norms": norms}
+            engine, losses, norms, budgets, ds_norms, grads[ep_size], routing = run_steps(cfg)
+            res[f"ep{ep_size}"] = {"losses": losses, "grad_norms": norms, "routing": routing}
             if ds_norms:
                 res[f"ep{ep_size}"]["deepspeed_fp32_norms"] = ds_norms
             if budgets:

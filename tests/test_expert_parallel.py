@@ -9,6 +9,7 @@ hostfile, and torchrun resuming its checkpoint under expert parallelism.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,15 @@ def test_ep2_trains_like_ep1(ep, router):
     losses and the same TRUE global gradient norm (DeepSpeed's own fp32 clipping averages
     per-rank norms instead, see `deepspeed_fp32_norms`)."""
     _same_run(ep["train"][f"{router}_zero0"], loss_tol=1e-5, norm_rtol=1e-5)
+    # The first step's routing statistics, summed over both ranks' batches.
+    from tests.ep_worker import B, T
+
+    one, two = (ep["train"][f"{router}_zero0"][f"ep{n}"]["routing"] for n in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys(), (a, b)
+        assert all(a[key] == (b[key] if b[key] is None else pytest.approx(b[key], rel=1e-6)) for key in a), (a, b)
+    count, per_sequence = ("segments", T // 4 - 1) if router == "smear" else ("tokens", T)  # smear: S = 4
+    assert [r[count] for r in one] == [2 * B * per_sequence] * len(one)  # both ranks' batches
 
 
 @pytest.mark.slow
@@ -229,6 +239,53 @@ def test_deepspeed_moe_needs_torch_distributed():
     assert y.shape == (2, 8, 16) and aux.item() > 0
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         layer.moe.set_deepspeed_parallelism()
+
+
+def test_deepspeed_moe_stats_count_its_gate_decisions():
+    """DeepSpeed's top-2 gate (GShard): tokens take a slot of an expert in order, first choices
+    before second choices, while the expert has capacity; counted here by a loop over tokens."""
+    from llm.config import ModelConfig, RoutingConfig
+    from llm.inspection.statistics import RoutingTally
+    from llm.routing.deepspeed_moe import DeepSpeedMoE
+
+    E, S = 4, 16
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, routing=RoutingConfig.build(
+        "deepspeed_topk", n_experts=E, deepspeed_topk={"k": 2, "capacity_factor": 0.5}))
+    torch.manual_seed(0)
+    layer = DeepSpeedMoE(cfg)
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        layer(x)
+        probs = torch.softmax(x.reshape(S, 16) @ layer.moe.deepspeed_moe.gate.wg.weight.t(), -1).double()
+    first = probs.argmax(-1).tolist()
+    second = probs.scatter(1, probs.argmax(-1, keepdim=True), -1.0).argmax(-1).tolist()
+    capacity = math.ceil(S / E * 0.5 * 2)
+    routed, queue, active = [0] * E, [first.count(e) for e in range(E)], [0] * S
+    computed = [0] * E
+    for choices, taken in ((first, [0] * E), (second, queue)):
+        for i, e in enumerate(choices):
+            routed[e] += 1
+            if taken[e] < capacity:
+                computed[e] += 1
+                active[i] += 1
+            taken[e] += 1
+    c = layer.stats.counts
+    assert int(c["tokens"]) == int(c["decisions"]) == S and float(layer.stats.state["k"]) == 2
+    assert c["routed"].tolist() == routed and c["computed"].tolist() == computed
+    assert c["active_hist"].tolist() == [active.count(a) for a in range(3)]
+    assert float(c["entropy"]) == pytest.approx(float(-(probs * probs.log()).sum()), rel=1e-5)
+    # Without sparse routes (earlier DeepSpeed versions) the gate returns a dispatch mask instead: same counts.
+    from deepspeed.moe.sharded_moe import top2gating
+
+    sparse = layer.stats.counts
+    gate, flat = layer.moe.deepspeed_moe.gate, x.reshape(S, 16)
+    layer._keep_routes(gate, (flat,), top2gating(gate.wg(flat), 0.5, 0, top2_2nd_expert_sampling=False))
+    assert all(torch.equal(v, sparse[key]) for key, v in layer.stats.counts.items())
+    tally = RoutingTally([0])
+    tally.add(0, layer.stats)
+    row = tally.rows(None)[0]
+    assert row["dropped"] == pytest.approx(1 - sum(computed) / sum(routed)) and row["dropped"] > 0
+    assert row["load"] == pytest.approx([n / sum(computed) for n in computed])
 
 
 # ---------------------------------------------------------------------------- launches

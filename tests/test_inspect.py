@@ -109,6 +109,16 @@ def captured_inputs(ckpt: Path) -> tuple[torch.nn.Module, list[list[torch.Tensor
     return loaded.model, seen
 
 
+def routed_inputs(model: torch.nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The hidden states each routed FFN receives when `model` runs `inputs`."""
+    seen = []
+    hooks = [ffn.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for ffn in model.routed_ffns()]
+    model(inputs)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def soft_topk_bisect(r: torch.Tensor, k: float, alpha: float) -> torch.Tensor:
     """p = F((r − t)/α) with Σ p = k, t found by bisection (the Laplace CDF F), float64."""
     r = r.double()
@@ -366,8 +376,9 @@ def test_callback_logs_training_forwards_only(data):
     per_batch = []
     with torch.no_grad():
         for x in micro_batches:
-            model(x)
-            per_batch.append([ffn.stats["active_per_token"].flatten().numpy() for ffn in model.routed_ffns()])
+            valid = [ffn.router(ffn_in.reshape(-1, ffn_in.shape[-1]), k).valid
+                     for ffn, ffn_in, k in zip(model.routed_ffns(), routed_inputs(model, x), model.budget())]
+            per_batch.append([v.sum(-1).numpy() for v in valid])  # dropless: every valid slot is computed
     k = model.budget().tolist()
     for j in range(LAYERS):
         active = np.concatenate([b[j] for b in per_batch]).astype(int)

@@ -87,18 +87,13 @@ def test_self_stopgrad_is_flagged_as_leaking():
 
 def _oracle(layer: SMEARLayer, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """docs/smear.md#causal-shift written out, one sequence and one segment at a time: build θ̄_j, run a plain FFN."""
-    ex, router = layer.experts, layer.router
+    ex = layer.experts
     B, T, d = x.shape
     out = []
     for b in range(B):
         rows = []
-        for j, lo in enumerate(range(0, T, S)):
-            prev = x[b, lo - S:lo]
-            if j == 0 or (ids is not None and layer.reset_at_eos and (ids[b, lo - S:lo] == layer.eos_id).any()):
-                e = torch.softmax(layer.prior, dim=0)
-            else:
-                h = F.layer_norm(prev.mean(0), (d,), router.norm.weight, router.norm.bias, router.norm.eps)
-                e = torch.softmax(router.proj.weight @ h, dim=0)
+        for lo in range(0, T, S):
+            e, _ = _segment_weights(layer, x, ids, b, lo)
             w1 = sum(e[i] * ex.w1[i] for i in range(len(e)))
             w3 = sum(e[i] * ex.w3[i] for i in range(len(e)))
             w2 = sum(e[i] * ex.w2[i] for i in range(len(e)))
@@ -106,6 +101,15 @@ def _oracle(layer: SMEARLayer, x: torch.Tensor, ids: torch.Tensor | None = None)
             rows.append((F.silu(seg @ w1) * (seg @ w3)) @ w2)
         out.append(torch.cat(rows))
     return torch.stack(out)
+
+
+def _segment_weights(layer: SMEARLayer, x: torch.Tensor, ids: torch.Tensor | None, b: int, lo: int):
+    """The merge weights of the segment of sequence b starting at lo, and whether the router chose them."""
+    router, d = layer.router, x.shape[-1]
+    if lo == 0 or (ids is not None and layer.reset_at_eos and (ids[b, lo - S:lo] == layer.eos_id).any()):
+        return torch.softmax(layer.prior, dim=0), False
+    h = F.layer_norm(x[b, lo - S:lo].mean(0), (d,), router.norm.weight, router.norm.bias, router.norm.eps)
+    return torch.softmax(router.proj.weight @ h, dim=0), True
 
 
 def _layer(seed: int = 0, dtype=torch.float64, **routing) -> SMEARLayer:
@@ -143,7 +147,7 @@ def test_reset_at_eos_matches_oracle_and_cuts_routing():
     x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
     y, _ = layer(x, FFNContext(input_ids=ids))
     torch.testing.assert_close(y, _oracle(layer, x, ids), rtol=1e-12, atol=1e-12)
-    assert layer.stats["prior_segments"].item() == 2 + 2 + 1  # segment 0 twice, then the resets
+    assert layer.stats.counts["prior_segments"].item() == 2 + 2 + 1  # segment 0 twice, then the resets
     # Effective: segment 2 no longer depends on segment 1's hidden states ...
     x2 = x.detach().clone()
     x2[:, S:2 * S] += torch.randn(2, S, 32, dtype=torch.float64)
@@ -227,20 +231,32 @@ def test_self_stopgrad_refuses_to_decode():
 # ------------------------------------------------------------------------- interface
 
 def test_stats_and_parameter_names():
-    layer = _layer(dtype=torch.float32).eval()
+    """The counts against a loop over the segments of the oracle's routing."""
+    layer = _layer(reset_at_eos=True, eos_id=EOS).eval()
     E = layer.prior.numel()
     B, T = 3, 4 * S + 1
-    layer(torch.randn(B, T, 32), FFNContext(input_ids=_ids(B, T)))
-    st = layer.stats
-    assert st["routed_segments"].item() == B * 4 and st["prior_segments"].item() == B
-    assert 0 <= st["entropy"].item() <= math.log(E)
-    assert 1 / E <= st["max_weight"].item() <= 1
-    assert st["expert_weight"].shape == (E,) and abs(st["expert_weight"].sum().item() - 1) < 1e-5
-    assert abs(st["top1_fraction"].sum().item() - 1) < 1e-6
-    assert all(not v.requires_grad for v in st.values())
-    layer(torch.randn(B, S - 3, 32), FFNContext(input_ids=_ids(B, S - 3)))  # only segment 0: nothing routed
-    assert layer.stats["routed_segments"].item() == 0 and layer.stats["prior_segments"].item() == B
-    assert math.isnan(layer.stats["entropy"].item())
+    ids = _ids(B, T, eos_at=(S + 2,))
+    x = torch.randn(B, T, 32, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x, FFNContext(input_ids=ids))
+        routed = [e for b in range(B) for lo in range(0, T, S) for e, chosen in [_segment_weights(layer, x, ids, b, lo)]
+                  if chosen]
+    c, state = layer.stats.counts, layer.stats.state
+    e = torch.stack(routed)  # [n, E]: the router's segments (segment 0 and the one after the EOS use the prior)
+    assert c["segments"].item() == c["decisions"].item() == len(routed) == B * 3
+    assert c["prior_segments"].item() == 2 * B
+    torch.testing.assert_close(c["merge_weights"], e.sum(0), rtol=1e-12, atol=1e-12)
+    assert c["max_weight"].item() == pytest.approx(e.max(-1).values.sum().item(), rel=1e-12)
+    assert c["top1"].tolist() == [float((e.argmax(-1) == i).sum()) for i in range(E)]
+    assert c["entropy"].item() == pytest.approx(-(e * e.log()).sum().item(), rel=1e-12)
+    torch.testing.assert_close(state["prior"], torch.softmax(layer.prior, 0).detach())
+    assert all(not v.requires_grad for v in (*c.values(), *state.values()))
+    layer(torch.randn(B, S - 3, 32, dtype=torch.float64), FFNContext(input_ids=_ids(B, S - 3)))  # nothing routed
+    c = layer.stats.counts
+    assert c["segments"].item() == 0 and c["prior_segments"].item() == B
+    assert c["entropy"].item() == 0 and c["merge_weights"].sum().item() == 0
+    layer(torch.randn(B, T, 32, dtype=torch.float64), FFNContext(input_ids=_ids(B, T)))  # no EOS: no reset
+    assert layer.stats.counts["segments"].item() == B * 4 and layer.stats.counts["prior_segments"].item() == B
     # DeepSpeed treats every parameter whose name contains "expert" as an expert parameter.
     names = [n for n, _ in layer.named_parameters()]
     assert {n for n in names if "expert" in n} == {"experts.w1", "experts.w2", "experts.w3"}

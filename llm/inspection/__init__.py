@@ -13,11 +13,10 @@ One set of numbers per routed layer, used three ways:
   steps, from the forwards the trainer runs anyway (no extra forward pass).
 - The report is a plain dict, so the plots can be redrawn from saved JSON.
 
-Statistics over many batches are built from raw counts (`RoutingTally`): the active-experts
-histogram, expert loads and dropped slots are summed as counts and divided once at the end,
-and per-batch means (entropy, merge weights) are weighted by the tokens or segments they
-average over. So p90, load CV and the dropped fraction are those of all the tokens seen, not
-averages of per-batch values.
+Statistics over many batches and ranks are built from the raw counts every routed layer
+reports (`RoutingStats`, docs/routing.md#statistics): `RoutingTally` sums them, all-reduces
+once and divides once at the end (`layer_row`). So p90, load CV and the dropped fraction are
+those of all the tokens seen, not averages of per-batch values.
 
 One module per job: `statistics` (the tally), `measure` (a checkpoint on its data),
 `report` (text, JSON), `plots`, `command` (`llm inspect`), `callback` (during training).

@@ -49,7 +49,6 @@ class RoutingStatsCallback(Callback):
         self._kind = layer_kind(cfg)
         self._budgeted = registry.get(cfg.model.routing.router).budget is not None
         self._layers = sorted(model.route_index)
-        self._n_experts = cfg.model.routing.n_experts
         for j, ffn in enumerate(ffns):
             self._handles.append(ffn.register_forward_hook(self._hook(j)))
         self._arm(trainer.step + 1)
@@ -62,7 +61,7 @@ class RoutingStatsCallback(Callback):
 
     def _arm(self, next_step: int) -> None:
         self._armed = next_step % self.every == 0
-        self._tally = RoutingTally(self._layers, self._n_experts) if self._armed else None
+        self._tally = RoutingTally(self._layers) if self._armed else None
 
     def on_step(self, trainer, step: int, metrics: dict[str, Any]) -> None:
         if not self._handles:

@@ -56,10 +56,10 @@ def data_batches(cfg: "Config", ckpt: Path, split: str, n: int) -> tuple[Path, l
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, batches: Iterable[torch.Tensor], n_experts: int) -> RoutingTally:
+def measure(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> RoutingTally:
     """Run `batches` through `model` and tally every routed layer's stats after each forward."""
     ffns = model.routed_ffns()
-    tally = RoutingTally(sorted(model.route_index), n_experts)
+    tally = RoutingTally(sorted(model.route_index))
     device = next(model.parameters()).device
     for inputs in batches:
         model(inputs.to(device))
@@ -84,7 +84,7 @@ def inspect_checkpoint(path: str | Path, split: str = "val", batches: Optional[i
 
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints; stdout is the report
             init_distributed()  # its MoE layer needs a process group, even a world of 1
-    tally = measure(loaded.model, inputs, r.n_experts)
+    tally = measure(loaded.model, inputs)
     K = global_budget(cfg)
     rows = tally.rows(K)
     model = loaded.model

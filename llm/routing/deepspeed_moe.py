@@ -34,6 +34,7 @@ from llm.config import ConfigError, ModelConfig, RouterOptions
 from llm.initialization import output_std
 from llm.routing.experts import swiglu
 from llm.routing.registry import RouterSpec, register
+from llm.routing.stats import RoutingStats, bincount, distribution_counts, slot_counts
 
 # The expert weights' keys inside this layer's state dict: `<prefix><_EXPERTS><i>.<rest>`.
 _EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
@@ -106,24 +107,43 @@ class DeepSpeedMoE(nn.Module):
         for expert in self.moe.deepspeed_moe.experts.deepspeed_experts:
             expert.reset_parameters(cfg.init_std, output_std(cfg))
         nn.init.normal_(self.moe.deepspeed_moe.gate.wg.weight, std=cfg.init_std)
-        self._counts = None
+        self._last = None
+        self.moe.deepspeed_moe.gate.register_forward_hook(self._keep_routes)
 
     @property
     def n_experts(self) -> int:
         return self.moe.num_experts
 
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
-        y, l_aux, counts = self.moe(x)
-        self._counts = counts.detach()  # [E] routed token-slots per expert, before capacity
+        y, l_aux, _ = self.moe(x)
         return y.to(x.dtype), self.aux_loss_coef * l_aux.float()
 
+    def _keep_routes(self, gate: nn.Module, args: tuple, output: tuple) -> None:
+        """Forward hook on DeepSpeed's gate, the one place that reads its output. With sparse
+        routes (DeepSpeed 0.19.8) it is (l_aux, capacity, E, expert of each route [k, S] int32
+        (−1: dropped by capacity), locations, weights, routed slots per expert [E]); without,
+        (l_aux, combine weights, dispatch mask [S, E, capacity] bool, routed slots [E]).
+        Kept for `stats`: the gate input args[0] [S, d], the routes or the mask, the routed slots."""
+        routes = output[3] if len(output) == 7 else output[2]
+        self._last = (args[0].detach(), routes.detach(), output[-1].detach())
+
     @property
-    def stats(self) -> dict[str, torch.Tensor]:
-        """Routing statistics of the last forward: `k` and `load` (as `MoELayer.stats`, before capacity)."""
-        if self._counts is None:
-            return {}
-        counts = self._counts.float()
-        return {"k": torch.tensor(float(self.top_k)), "load": counts / counts.sum().clamp(min=1)}
+    def stats(self) -> RoutingStats:
+        """Routing statistics of the last forward, in the schema of `MoELayer.stats`."""
+        if self._last is None:
+            return RoutingStats()
+        x, routes, routed = self._last
+        with torch.no_grad():
+            if routes.dim() == 3:  # the dispatch mask
+                kept = routes.any(-1)  # [S, E]
+                active, computed = kept.sum(-1), kept.sum(0)
+            else:
+                active = (routes >= 0).sum(0)  # [S]
+                computed = bincount(routes + 1, self.n_experts + 1)[1:]  # [E]; bin 0: the dropped routes
+            gate = self.moe.deepspeed_moe.gate.wg
+            probs = torch.softmax(x.float() @ gate.weight.float().t(), dim=-1)  # [S, E], as the gate computes it
+            counts = {**slot_counts(active, self.top_k, computed, routed.long()), **distribution_counts(probs)}
+        return RoutingStats(counts, {"k": torch.tensor(float(self.top_k))})
 
     def shard(self, ep, merge_mode: str = "auto") -> None:
         """Keep this rank's experts; DeepSpeed's engine hands the layer its group later.

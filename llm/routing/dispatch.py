@@ -74,7 +74,7 @@ class DispatchInfo:
 
     kept: Tensor  # [N, m] bool: slot was computed (valid and within capacity)
     counts: Tensor  # [E] computed slots per expert
-    routed: Tensor  # [] slots the router asked for (valid slots, before capacity)
+    routed: Tensor  # [E] slots the router asked each expert for (valid slots, before capacity)
     capacity: Optional[Tensor]  # [] slots per expert, None when dropless
 
 
@@ -128,7 +128,7 @@ class Dispatcher:
         slot = order.index_select(0, perm)  # [S] slot ids, by expert, then position
         counts = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(
             0, key, torch.ones_like(key))[:E]  # [E] routed slots per expert
-        routed = counts.sum()
+        routed = counts
         capacity = None
         if self.capacity_factor is not None:
             capacity = torch.ceil(self.capacity_factor * N * routing.k.detach().double() / E).long()

@@ -70,8 +70,9 @@ class RouterSpec:
 
     `options` is the router's own config section, read from `cfg.routing.options`.
     `layer(cfg)` builds the FFN of one routed block: a module with
-    `forward(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`, a `stats` property and,
-    when `routed`, `n_experts` and `shard(ep, merge_mode)` (docs/expert-parallel.md#sharding).
+    `forward(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`, a `stats` property (a
+    `RoutingStats`, docs/routing.md#statistics) and, when `routed`, `n_experts` and
+    `shard(ep, merge_mode)` (docs/expert-parallel.md#sharding).
     `active_experts(cfg)` is the number of experts one token runs through, for the FLOP count.
     `export` turns a trained layer into the exported modeling code's entry; None means the
     router cannot be exported, and `export_refusal` says why in a few words. `export_code`

@@ -38,16 +38,12 @@ segment being decoded, the fp32 running sum of its hidden states and whether it 
 an EOS. A call may hold any number of tokens (one, or a chunked
 prefill crossing segment boundaries); new merges happen only where a segment begins.
 
-After every forward, `layer.stats` holds detached tensors for logging and plots:
-    entropy          mean over router-routed segments of −Σ_i e_i log e_i (nats)
-    max_weight       mean over router-routed segments of max_i e_i (specialisation)
-    expert_weight    [E] mean weight of each expert over router-routed segments
-    top1_fraction    [E] fraction of router-routed segments whose largest weight is expert i
-    prior            [E] softmax(ρ)
-    routed_segments  number of segments routed by the router in this forward
-    prior_segments   number of segments that used the prior (segment 0, EOS resets)
-Router statistics are taken before expert dropout and are NaN when this forward routed no
-segment (T ≤ S, or a decoding step inside a segment). The layer adds no auxiliary loss.
+After every forward, `layer.stats` is a `RoutingStats` (llm/routing/stats.py), computed on
+first access: over the segments routed by the router (not the prior), before expert
+dropout, the counts `segments` (= `decisions`), Σ `entropy`, Σ `merge_weights` [E],
+Σ `max_weight` and `top1` [E]; `prior_segments` (segment 0, EOS resets); state `prior`
+softmax(ρ). A forward that routed no segment (T ≤ S, or a decoding step inside a segment)
+counts zeros. The layer adds no auxiliary loss.
 """
 from __future__ import annotations
 
@@ -63,6 +59,7 @@ from llm.config import ConfigError, ModelConfig, RouterOptions, _choice, _positi
 from llm.initialization import output_std
 from llm.routing.experts import Experts, swiglu
 from llm.routing.registry import ExportError, LayerExport, RouterSpec, experts_spec, export_parameters, register
+from llm.routing.stats import RoutingStats, bincount, distribution_counts
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # w1, w3 [G, d, f], w2 [G, f, d]
 
@@ -214,7 +211,7 @@ class SMEARLayer(nn.Module):
         # θ̄_g = Σ_e w[g, e] θ_e for G routing groups, w [G, E] over the global experts: the one
         # place expert parallelism plugs in (`shard` installs the cross-rank merge).
         self.merge: Callable[[torch.Tensor], Merged] = self.experts.merged
-        self.stats: dict[str, torch.Tensor] = {}
+        self._last: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]] = None
 
     @property
     def n_experts(self) -> int:
@@ -270,7 +267,8 @@ class SMEARLayer(nn.Module):
         if n_new:
             e, from_router = self._route(sums, seg_eos, prev_sum, prev_eos, prior, T)  # [B, n_new, E]
             weights = expert_dropout(e, self.p_drop) if self.training and self.p_drop > 0 else e
-        self._record_stats(e, from_router if n_new else None, prior)
+        # Detached views for `stats`: e [B, n_new, E] and from_router [B, n_new] (None: no new segment).
+        self._last = (None if e is None else e.detach(), from_router if n_new else None, prior.detach())
 
         y = []
         if n_head:
@@ -329,27 +327,25 @@ class SMEARLayer(nn.Module):
             if eos is not None:
                 state["eos"] = state["eos"] | eos.any(1)
 
-    @torch.no_grad()
-    def _record_stats(self, e: Optional[torch.Tensor], from_router: Optional[torch.Tensor],
-                      prior: torch.Tensor) -> None:
-        """Fill `self.stats` (fields in the module docstring) without a host-device sync."""
+    @property
+    def stats(self) -> RoutingStats:
+        """Routing statistics of the last forward (see the module docstring)."""
+        if self._last is None:
+            return RoutingStats()
+        e, from_router, prior = self._last
         E = prior.numel()
         if e is None:
             e, from_router = prior.new_zeros(1, 0, E), prior.new_zeros(1, 0, dtype=torch.bool)
-        e = e.detach().float()  # [B, n, E]
-        m = from_router.float()[..., None]  # [B, n, 1]
-        n = m.sum()  # router-routed segments; 0/0 gives NaN where there are none
-        entropy = -(e * e.clamp_min(1e-30).log()).sum(-1, keepdim=True)
-        top1 = F.one_hot(e.argmax(-1), E).float() if e.numel() else e
-        self.stats = {
-            "entropy": (entropy * m).sum() / n,
-            "max_weight": (e.amax(-1, keepdim=True) * m).sum() / n,
-            "expert_weight": (e * m).sum((0, 1)) / n,
-            "top1_fraction": (top1 * m).sum((0, 1)) / n,
-            "prior": prior.detach(),
-            "routed_segments": n.long(),
-            "prior_segments": m.numel() - n.long(),
-        }
+        with torch.no_grad():
+            e = e.double()  # [B, n, E]
+            m = from_router[..., None].double()  # [B, n, 1]: masks, not a selection, so no host sync
+            counts = {**distribution_counts(e, from_router),
+                      "segments": from_router.sum(),
+                      "prior_segments": (~from_router).sum(),
+                      "merge_weights": (e * m).sum((0, 1)),
+                      "max_weight": (e.amax(-1, keepdim=True) * m).sum(),
+                      "top1": bincount(e.argmax(-1), E, from_router.double())}
+        return RoutingStats(counts, {"prior": prior})
 
 
 def smear_export(ffn: nn.Module, cfg: ModelConfig, k: Optional[float] = None) -> LayerExport:

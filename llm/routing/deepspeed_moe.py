@@ -10,7 +10,8 @@ Settings, and how they differ from our `topk` router:
   a single decoding token still gets a slot. Dropping depends on the other tokens of the
   micro-batch, so this baseline is not causal under capacity (docs/routing.md#capacity): use it for
   throughput and loss comparisons, not for the causality test.
-- `use_rts=False`: overflow tokens are dropped by gate score, not at random, and
+- `use_rts=False`: overflow tokens are dropped deterministically, not at random (for k ≤ 2
+  by position, first choices before second ones; for k > 2 by gate score), and
   `top2_2nd_expert_sampling=False`: the second expert is the second largest, not drawn
   with Gumbel noise (which DeepSpeed also does in eval mode, making logits random).
 - DeepSpeed's gate renormalises the chosen weights for k ≥ 2 and not for k = 1, like ours.

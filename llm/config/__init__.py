@@ -12,6 +12,7 @@ checked against the dataclasses, and every error is one line naming the key.
     parse.py      raw mapping → typed tree, with `imports` and one-line errors
     migration.py  saved configs of earlier versions → today's schema
 """
+# _choice and _positive too: the router modules check their own sections with them.
 from llm.config.errors import ConfigError, _choice, _positive
 from llm.config.files import load_config, load_saved_config, save_config, to_dict
 from llm.config.migration import migrate_saved

@@ -1,7 +1,8 @@
 """The experiment schema: one typed dataclass per config section, and `Config`, their tree.
 
 Each section checks its own values (`validate`); `Config.validate` checks what spans
-sections. The comment after a field says what it means and which values it takes.
+sections. A field's default is the value a YAML file leaves out; the comment after a field
+says what it means and which values it takes, where its name does not.
 """
 from __future__ import annotations
 

@@ -24,20 +24,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import examples.hash_router  # noqa: E402,F401  (registers the plug-in router "hash")
-from llm.config import Config, ModelConfig, ParallelConfig, RoutingConfig, TrainConfig  # noqa: E402
+from llm.config import Config, ParallelConfig, TrainConfig  # noqa: E402
 from llm.parallel import expert as ep_mod  # noqa: E402
 from llm.parallel import groups  # noqa: E402
 from llm.routing.tau import end_step  # noqa: E402
+from tests.models import tiny_config  # noqa: E402
 
 D, F_, E, B, T, VOCAB = 16, 32, 4, 2, 16, 64
-
-
-def model_cfg(router: str, **routing) -> ModelConfig:
-    routing.setdefault("n_experts", E)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, d_ff=F_, max_seq_len=T,
-                      routing=RoutingConfig.build(router, **routing))
-    cfg.validate()
-    return cfg
+# The model of every case, as `tiny_config` keys (a case's own routing keys override n_experts).
+SHAPE = dict(vocab_size=VOCAB, d_model=D, n_layers=2, n_heads=2, d_ff=F_, max_seq_len=T, n_experts=E)
 
 
 def rank() -> int:
@@ -105,7 +100,7 @@ def case_exchange() -> dict:
         "lapsum": dict(router="lapsum", k_mean=1.5, tau=0.05, budget="fixed"),
     }
     for name, routing in variants.items():
-        cfg = model_cfg(**routing)
+        cfg = tiny_config(**{**SHAPE, **routing})
         torch.manual_seed(0)
         ref = build_ffn(cfg, True)
         sharded = copy.deepcopy(ref)
@@ -126,7 +121,7 @@ def case_smear() -> dict:
     from llm.routing.smear import SMEARLayer
 
     ep = ep_mod.ExpertParallel.current()
-    cfg = model_cfg("smear", segment_len=4, expert_dropout=0.0)
+    cfg = tiny_config("smear", **SHAPE, segment_len=4, expert_dropout=0.0)
     out = {}
     for mode in ("gather", "reduce", "reduce_recompute"):
         torch.manual_seed(0)
@@ -154,7 +149,7 @@ def case_smear() -> dict:
 # ---------------------------------------------------------------------------- engine-level checks
 
 def train_cfg(router: str, ep_size: int, zero: int, **routing) -> Config:
-    cfg = Config(name="ep", model=model_cfg(router, **routing),
+    cfg = Config(name="ep", model=tiny_config(router, **{**SHAPE, **routing}),
                  train=TrainConfig(seed=7, max_steps=5, micro_batch_size=B, lr=1e-2, warmup_steps=0,
                                    grad_clip=0.05, weight_decay=0.1),
                  parallel=ParallelConfig(ep_size=ep_size, zero_stage=zero))

@@ -21,7 +21,7 @@ import yaml
 
 from llm.checkpoint import write_model_files
 from llm.config import Config, DataConfig, ModelConfig, ParallelConfig
-from llm.data.prepare import SPM_OPTIONS
+from llm.data.bpe import SPM_OPTIONS
 from llm.model import build_model
 from llm.monitor import read_metrics
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ModelConfig, RoutingConfig, TrainConfig
+from llm.config import TrainConfig
 from llm.model import build_model
 from llm.model.transformer import Attention
 from llm.parallel.blocks import apply_block_options
 from llm.routing.experts import Experts, swiglu
 from tests.causality import assert_causal
+from tests.models import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -43,10 +44,8 @@ def test_compiled_bf16_blocks_match_eager(router):
     import torch._inductor.config as inductor
 
     inductor.fallback_random = True  # expert dropout draws eager's random numbers
-    cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=256,
-                      routing=RoutingConfig.build(router, n_experts=8,
-                                                 **({"segment_len": 64} if router == "smear" else {})))
-    cfg.validate()
+    cfg = tiny_config(router, vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=256,
+                      n_experts=8, **({"segment_len": 64} if router == "smear" else {}))
     ids = torch.randint(0, 512, (4, 257), device=CUDA, generator=torch.Generator(CUDA).manual_seed(0))
     results = []
     for compile_ in (False, True):

@@ -17,8 +17,9 @@ import torch
 
 from llm.config import Config, ConfigError
 from llm.data import DataError, TokenLoader, Tokenizer, data_dir, is_prepared, prepare, read_manifest
-from llm.data.prepare import held_out, parse_shard
+from llm.data.prepare import parse_shard
 from llm.data.sources import resolve_corpus
+from llm.data.workers import held_out
 from tests.helpers import REPO, start
 
 VOCAB = 400

@@ -22,6 +22,7 @@ from llm.config import ConfigError, load_config
 from llm.monitor import read_metrics
 from llm.parallel import groups
 from tests.helpers import REPO, env, free_port, ok, run, train_losses, val_losses, write_tiny_run
+from tests.models import tiny_config
 
 STEPS = 6
 ROUTERS = ["topk", "lapsum", "smear", "deepspeed_topk", "hash"]
@@ -229,12 +230,9 @@ def test_invalid_layouts_fail_with_one_line(monkeypatch):
 
 
 def test_deepspeed_moe_needs_torch_distributed():
-    from llm.config import ModelConfig, RoutingConfig
     from llm.routing.deepspeed_moe import DeepSpeedMoE
 
-    cfg = ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32,
-                      routing=RoutingConfig.build("deepspeed_topk", n_experts=4, k=2))
-    layer = DeepSpeedMoE(cfg)
+    layer = DeepSpeedMoE(tiny_config("deepspeed_topk", vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_experts=4, k=2))
     y, aux = layer(torch.randn(2, 8, 16))  # a single process runs all experts (eval, generation)
     assert y.shape == (2, 8, 16) and aux.item() > 0
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llm.checkpoint import load_model, load_weights, write_model_files
 from llm.cli import main
-from llm.config import Config, from_dict, routing_section
+from llm.config import Config, DataConfig, ParallelConfig, TrainConfig
 from llm.data import TokenLoader, data_dir, prepare
 from llm.inspection import (
     RoutingStatsCallback,
@@ -32,6 +32,7 @@ from llm.inspection import (
     run_checkpoints,
 )
 from llm.model import build_model
+from tests.models import tiny_config
 
 VOCAB, SEQ, BATCH, LAYERS, EXPERTS = 300, 32, 4, 3, 4
 BATCHES = 3
@@ -53,15 +54,12 @@ def data(tmp_path_factory) -> dict:
 
 
 def make_cfg(data_section: dict, router: str, ep_size: int = 1, n_layers: int = LAYERS, **routing) -> Config:
-    routing = routing_section(router, n_experts=EXPERTS, **routing) if router != "dense" else {"router": "dense"}
-    return from_dict({
-        "name": "tiny",
-        "model": {"vocab_size": VOCAB, "d_model": 32, "n_layers": n_layers, "n_heads": 2, "d_ff": 64,
-                  "max_seq_len": SEQ, "routing": routing},
-        "data": data_section,
-        "train": {"micro_batch_size": BATCH, "eval_batches": BATCHES},
-        "parallel": {"ep_size": ep_size},
-    }).validate()
+    """A tiny model's run on the `data` fixture's corpus (`data_section`)."""
+    routing = {"n_experts": EXPERTS, **routing} if router != "dense" else {}
+    model = tiny_config(router, vocab_size=VOCAB, n_layers=n_layers, n_heads=2, max_seq_len=SEQ, **routing)
+    return Config(name="tiny", model=model, data=DataConfig(**data_section),
+                  train=TrainConfig(micro_batch_size=BATCH, eval_batches=BATCHES),
+                  parallel=ParallelConfig(ep_size=ep_size)).validate()
 
 
 def make_ckpt(path: Path, data: dict, router: str, step: int = 10, seed: int = 0, ep_size: int = 1,

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ModelConfig
 from llm.model import build_model
 from llm.model.loss import chunked_cross_entropy
+from tests.models import tiny_config
 
 
 @pytest.mark.parametrize("chunk", [0, 7, 16, 64])
@@ -27,7 +27,7 @@ def test_chunked_loss_and_gradients_match_float64(chunk):
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():
-    cfg = ModelConfig(vocab_size=53, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
+    cfg = tiny_config(vocab_size=53, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
     torch.manual_seed(0)
     model = build_model(cfg)
     ids = torch.randint(0, 53, (3, 13), generator=torch.Generator().manual_seed(1))

@@ -5,22 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ModelConfig, RoutingConfig
 from llm.model import build_model, flops_per_token
 from tests.causality import assert_causal
+from tests.models import tiny_config, tiny_model
 
 VOCAB = 97
 
 
-def tiny(**kw) -> ModelConfig:
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, **kw)
-    cfg.validate()
-    return cfg
-
-
 def model_and_ids(seed: int = 0, batch: int = 2, length: int = 16, **kw):
-    torch.manual_seed(seed)
-    model = build_model(tiny(**kw))
+    model = tiny_model(seed=seed, vocab_size=VOCAB, **kw)
     ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
     return model, ids
 
@@ -83,7 +76,7 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_flops_per_token():
-    cfg = tiny()
+    cfg = tiny_config(vocab_size=VOCAB)
     model = build_model(cfg)
     d, L, T = cfg.d_model, cfg.n_layers, 16
     # 6 FLOPs per parameter per token (forward 2, backward 4) for every matrix a token passes
@@ -93,7 +86,7 @@ def test_flops_per_token():
     assert flops_per_token(cfg, 2 * T) - flops_per_token(cfg, T) == 6 * L * d * T
 
     def routed(router: str, **kw) -> float:
-        return flops_per_token(tiny(routing=RoutingConfig.build(router, n_experts=8, **kw)), T)
+        return flops_per_token(tiny_config(router, vocab_size=VOCAB, n_experts=8, **kw), T)
 
     assert routed("switch") == routed("topk", k=1)
     assert routed("topk", k=2) > routed("switch")

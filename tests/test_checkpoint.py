@@ -149,6 +149,24 @@ def test_nan_gradient_stops_before_the_update(workdir):
     assert [r["step"] for r in strict_json_lines(run_dir / "metrics.jsonl")] == [1]
 
 
+def test_save_that_cannot_write_stops_with_one_line(workdir):
+    """A full disk, as the OS reports it: every file the process writes is capped at 16 KiB
+    (RLIMIT_FSIZE; the weights are larger), so the first save fails mid-write. Training stops
+    with one line instead of a traceback or training on unsaved, and nothing half-written is left."""
+    capped = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384)); sys.argv[0] = 'llm'; "
+              "runpy.run_module('llm', run_name='__main__')")
+    proc = run("train", "tiny.yaml", "train.out_dir=runs/full", "train.save_every=2", "log.wandb=disabled",
+               cwd=workdir, launcher=(sys.executable, "-c", capped))
+    line = user_facing(proc, 1)
+    # DeepSpeed's torch.save hits the cap first: its C++ writer reports it without an errno.
+    assert re.fullmatch(r"error: could not save the checkpoint of step 2 \(torch.save could not write \(.+\): is the "
+                        r"disk full\?\); nothing was published; no checkpoint saved yet", line), line
+    checkpoints = workdir / "runs" / "full" / "checkpoints"
+    assert not checkpoints.exists() or list(checkpoints.iterdir()) == []
+    assert [r["step"] for r in strict_json_lines(workdir / "runs" / "full" / "metrics.jsonl")] == [1, 2]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_is_exact(workdir, straight):
     """SIGTERM mid-run: finish the step, save, exit 0. Then the run directory is damaged as

@@ -36,7 +36,12 @@ def save(trainer: "Trainer") -> Path:
     # What resuming reads back (step, tokens) and checks (the topology the optimizer state was saved under).
     state = {"step": trainer.step, "tokens": trainer.tokens, "world_size": trainer.world,
              "ep_size": trainer.cfg.parallel.ep_size}
-    return checkpoint.save(trainer.engine, trainer.cfg, trainer.run_dir, trainer.step, trainer.tokenizer_path, state)
+    try:
+        return checkpoint.save(trainer.engine, trainer.cfg, trainer.run_dir, trainer.step, trainer.tokenizer_path,
+                               state)
+    except checkpoint.SaveFailed as err:
+        # Training on without saving would lose everything after the last checkpoint: stop here.
+        trainer.fail(f"could not save the checkpoint of step {trainer.step} ({err}); nothing was published")
 
 
 def weights_finite(model: torch.nn.Module, device: torch.device) -> bool:

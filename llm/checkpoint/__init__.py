@@ -35,7 +35,7 @@ calls them. `load_model` needs nothing but the checkpoint directory.
 """
 from llm.checkpoint.layout import CheckpointError, is_checkpoint_dir
 from llm.checkpoint.resuming import check_resumable, restore, restore_weights
-from llm.checkpoint.saving import remove_leftovers, save, set_aside
+from llm.checkpoint.saving import SaveFailed, remove_leftovers, save, set_aside
 from llm.checkpoint.selection import list_checkpoints, newest_good, resolve, resume_checkpoint, verify
 from llm.checkpoint.weights import load_model, load_weights, migrate_state, write_model_files
 from llm.checkpoint.weights_only import CheckpointEngineChanged, use_weights_only_loading, weights_only_engine_class
@@ -43,6 +43,6 @@ from llm.checkpoint.weights_only import CheckpointEngineChanged, use_weights_onl
 __all__ = [
     "CheckpointEngineChanged", "CheckpointError", "check_resumable", "is_checkpoint_dir", "list_checkpoints",
     "load_model", "load_weights", "migrate_state", "newest_good", "remove_leftovers", "resolve", "restore",
-    "restore_weights", "resume_checkpoint", "save", "set_aside", "use_weights_only_loading", "verify",
+    "restore_weights", "resume_checkpoint", "save", "SaveFailed", "set_aside", "use_weights_only_loading", "verify",
     "weights_only_engine_class", "write_model_files",
 ]

@@ -15,6 +15,10 @@ On CPU the top m values come from a bitonic tournament of elementwise max/min ov
 column blocks: torch.topk there selects row by row on (value, index) pairs and, for
 m ≥ 3, measured 1.5–4× slower than the tournament at E = 8–128. Other devices use topk.
 
+Under torch.compile the whole operator is one graph (docs/lapsum.md#compile): nothing
+reads k or α on the host, and the window size comes from `k_max`, a bound on k the
+caller knows statically; inductor fuses the tournament and the row passes.
+
 The backward pass keeps f = dp/du = ½e^{−|u|} relative to its row maximum, so that
 q = softmax(−|u|) and ∂L/∂k stay exact when every f of a row underflows (α ≪ score gaps).
 """
@@ -297,8 +301,8 @@ def _top_values(scores: Tensor, m: int, rows_inner: bool = False) -> Tensor:
     # two, padding with −inf): the blocks are the lanes, sorted elementwise so that for
     # every row and offset g lane 0 holds the largest of the L values at g. Then halve G
     # by merging the lane lists of the two halves, keeping the top L, until G = 1. Every
-    # step is an elementwise max/min over [N, G] slices (fresh outputs measured faster
-    # than writing into strided buffers).
+    # step is an elementwise max/min over [N, G] (or [G, N]) slices (fresh outputs
+    # measured faster than writing into strided buffers).
     n_rows, n = scores.shape
     n_lanes = 1 << (m - 1).bit_length()  # L
     g = max(1, (1 << (n - 1).bit_length()) // n_lanes)  # G

@@ -254,6 +254,12 @@ def test_rejects_bad_alpha(alpha):
         soft_topk(torch.randn(4, 8), 2.0, torch.tensor(alpha))
 
 
+@pytest.mark.parametrize("k_max", [0.0, 8.0, math.nan])
+def test_rejects_bad_k_max(k_max):
+    with pytest.raises(ValueError, match="0 < k_max < E"):
+        soft_topk(torch.randn(4, 8), torch.tensor(2.0), k_max=k_max)
+
+
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="does not broadcast"):
         soft_topk(torch.randn(4, 8), torch.full((5,), 2.0))

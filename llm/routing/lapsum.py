@@ -111,11 +111,13 @@ def _check_k_tensor(k: Tensor, batch: torch.Size, n: int, k_max: float | None) -
     if k_max is None:
         torch._assert_async(((k > 0) & (k < n)).all(), f"soft_topk needs 0 < k < E = {n}")
         return 0.0, float(n)
-    # The window of k_max, m = ⌊2k_max⌋ + 1 scores, holds the threshold for any k < m/2:
-    # a k_l a rounding above k_max is still exact, so only that limit is asserted.
-    limit = min((math.floor(2 * k_max) + 1) / 2, n)
+    # k has been rounded to the scores' dtype, possibly up past k_max: widen the bound by
+    # that rounding. The window of m = ⌊2k_bound⌋ + 1 scores holds the threshold for
+    # any k < m/2, the limit asserted.
+    k_bound = k_max * (1.0 + 2.0 * torch.finfo(k.dtype).eps)
+    limit = min((math.floor(2 * k_bound) + 1) / 2, n)
     torch._assert_async(((k > 0) & (k < limit)).all(), f"soft_topk needs 0 < k < {limit} (k_max = {k_max})")
-    return 0.0, k_max
+    return 0.0, k_bound
 
 
 class _SoftTopK(torch.autograd.Function):

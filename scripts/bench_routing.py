@@ -4,6 +4,7 @@ MoE layer (`bench_layers`).
 
     python scripts/bench_routing.py --tokens 8192 --repeats 30 --threads 2
     python scripts/bench_routing.py --only layers --threads 2
+    python scripts/bench_routing.py --only operator --compile --threads 1 --cpu-time
 
 Every variant runs forward + backward on the same scores; variants are interleaved
 round by round so that drifting clocks and caches hit them alike, and the median of
@@ -65,11 +66,15 @@ def bench_operator(
     min_round_s: float = 0.02,
     seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
+    compile: bool = False,
 ) -> list[dict]:
     """Forward + backward of soft_topk against `v, i = scores.topk(k); softmax(v)`.
 
     Both get fresh leaf scores of shape [tokens, E] in float32 and an upstream gradient
-    of their output's shape. Returns one row per E with the median times in ms.
+    of their output's shape. Returns one row per E with the median times in ms. With
+    `compile`, each loss (operator, product with the upstream gradient, sum) also runs
+    under torch.compile (inductor), the backward included, and the compiled soft_topk is
+    given as ratios to both the eager and the compiled top-k + softmax.
     """
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -78,26 +83,33 @@ def bench_operator(
         g_soft = torch.randn(tokens, n_exp, generator=gen)  # [N, E]
         g_hard = torch.randn(tokens, k, generator=gen)  # [N, k]
 
-        def topk_softmax():
-            scores.grad = None
-            v, _ = scores.topk(k, dim=-1)
-            (torch.softmax(v, dim=-1) * g_hard).sum().backward()
+        def topk_softmax(s: torch.Tensor) -> torch.Tensor:
+            v, _ = s.topk(k, dim=-1)
+            return (torch.softmax(v, dim=-1) * g_hard).sum()
 
-        def lapsum():
-            scores.grad = None
-            (soft_topk(scores, float(k), alpha) * g_soft).sum().backward()
+        def lapsum(s: torch.Tensor) -> torch.Tensor:
+            return (soft_topk(s, float(k), alpha) * g_soft).sum()
 
-        t = _time_rounds({"topk_softmax": topk_softmax, "soft_topk": lapsum}, repeats, min_round_s, clock)
-        rows.append(
-            {
-                "E": n_exp,
-                "tokens": tokens,
-                "topk_softmax_ms": 1e3 * t["topk_softmax"],
-                "soft_topk_ms": 1e3 * t["soft_topk"],
-                "ratio": t["soft_topk"] / t["topk_softmax"],
-            }
-        )
+        losses = {"topk_softmax": topk_softmax, "soft_topk": lapsum}
+        if compile:
+            torch._dynamo.reset()
+            losses.update({f"{name}_compiled": torch.compile(loss) for name, loss in list(losses.items())})
+        t = _time_rounds({name: _backward_step(scores, loss) for name, loss in losses.items()}, repeats,
+                         min_round_s, clock)
+        row = {"E": n_exp, "tokens": tokens, **{f"{name}_ms": 1e3 * ts for name, ts in t.items()},
+               "ratio": t["soft_topk"] / t["topk_softmax"]}
+        if compile:
+            row["compiled_ratio"] = t["soft_topk_compiled"] / t["topk_softmax"]
+            row["vs_compiled_topk"] = t["soft_topk_compiled"] / t["topk_softmax_compiled"]
+        rows.append(row)
     return rows
+
+
+def _backward_step(scores: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    def step():
+        scores.grad = None
+        loss(scores).backward()
+    return step
 
 
 # ---------------------------------------------------------------------------- routed layers
@@ -223,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both operators under torch.compile (inductor; compiling takes minutes)")
     parser.add_argument("--only", choices=["operator", "layers"], default=None, help="run one of the two benchmarks")
     parser.add_argument("--layer-tokens", type=int, default=4096, help="tokens per layer call (bench_layers)")
     parser.add_argument("--d-model", type=int, default=512, help="hidden size (bench_layers)")
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--cpu-time needs --threads 1 (CPU seconds of several threads include their spinning)")
     if args.only != "layers":
         rows = bench_operator(args.tokens, tuple(args.experts), args.repeats, args.k, args.alpha,
-                              clock=time.process_time if args.cpu_time else time.perf_counter)
+                              clock=time.process_time if args.cpu_time else time.perf_counter, compile=args.compile)
         _print_table(
             f"soft_topk vs topk+softmax, forward+backward, {args.tokens} tokens, k={args.k}, "
             f"alpha={args.alpha}, {torch.get_num_threads()} threads, "

@@ -214,16 +214,19 @@ def test_no_grad():
     assert not p.requires_grad
 
 
+@pytest.mark.parametrize("rows_inner", [False, True])
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 12, 32, 100, 256])
-def test_top_values_matches_topk(n):
-    """The CPU tournament that replaces torch.topk for the window, ties included."""
+def test_top_values_matches_topk(n, rows_inner):
+    """The CPU tournament that replaces torch.topk for the window, ties included, in both
+    lane layouts (rows_inner is the one used under torch.compile)."""
     gen = torch.Generator().manual_seed(n)
     scores = torch.randn(64, n, generator=gen)  # [rows, E]
     scores[:16, -1] = scores[:16, 0]
     scores[16:32] = scores[16:32].round()
     scores[32:40] = 0.0
     for m in range(1, min(n, 16) + 1):
-        torch.testing.assert_close(lapsum._top_values(scores, m), scores.topk(m, dim=-1).values.t(), atol=0, rtol=0)
+        torch.testing.assert_close(lapsum._top_values(scores, m, rows_inner), scores.topk(m, dim=-1).values.t(),
+                                   atol=0, rtol=0)
 
 
 def test_paths_agree():
@@ -251,8 +254,57 @@ def test_rejects_bad_alpha(alpha):
         soft_topk(torch.randn(4, 8), 2.0, torch.tensor(alpha))
 
 
+@pytest.mark.parametrize("k_max", [0.0, 8.0, math.nan])
+def test_rejects_bad_k_max(k_max):
+    with pytest.raises(ValueError, match="0 < k_max < E"):
+        soft_topk(torch.randn(4, 8), torch.tensor(2.0), k_max=k_max)
+
+
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="does not broadcast"):
         soft_topk(torch.randn(4, 8), torch.full((5,), 2.0))
     with pytest.raises(ValueError, match="0-dim"):
         soft_topk(torch.randn(4, 8), 2.0, torch.ones(4))
+
+
+def compile_case(n: int, k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores [16, n], a [] budget in float64 as `ExpertBudget` gives it, a tensor α and an
+    upstream gradient, all leaves: the router's case under a compiled block."""
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(16, n, generator=gen).requires_grad_()
+    alpha = torch.tensor(0.8, requires_grad=True)
+    return scores, torch.tensor(k, dtype=torch.float64, requires_grad=True), alpha, torch.randn(16, n, generator=gen)
+
+
+def assert_compiled_matches_eager(k_max: float | None, backend: str, n: int, k: float) -> None:
+    """fullgraph=True fails at any graph break (a host read of k or α would be one). The
+    eager call reads k and takes the window of k itself, the compiled one that of k_max."""
+    torch._dynamo.reset()
+    scores, k, alpha, g = compile_case(n, k)
+    compiled = torch.compile(lambda s, kk, a: soft_topk(s, kk, a, k_max=k_max), backend=backend, fullgraph=True)
+    results = []
+    for fn in (compiled, soft_topk):
+        p = fn(scores, k, alpha)
+        results.append([p, *torch.autograd.grad((p * g).sum(), (scores, k, alpha))])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_inductor_matches_eager_without_graph_break():
+    # m = 3 window scores from 4 lanes of 4 columns: the tournament halves twice.
+    assert_compiled_matches_eager(k_max=1.0, backend="inductor", n=16, k=0.9)
+
+
+def test_full_sort_traces_without_graph_break():
+    # Without k_max the window is the whole row, past 16 scores the full sort.
+    assert_compiled_matches_eager(k_max=None, backend="aot_eager", n=17, k=2.5)
+
+
+def test_compiled_asserts_k_within_the_window_of_k_max():
+    """k = 2.6 > k_max = 2.0 would need a window of 6 scores, not 5: under compile the
+    host does not read k, so an assert in the graph must stop it."""
+    torch._dynamo.reset()
+    scores, _, alpha, _ = compile_case(8, 1.0)
+    compiled = torch.compile(lambda s, k: soft_topk(s, k, alpha, k_max=2.0), backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"0 < k < 2.5 \(k_max = 2.0\)"):
+        compiled(scores, torch.tensor(2.6))

@@ -95,7 +95,7 @@ class LapSumRouter(nn.Module):
             raise ValueError(f"LapSum routing needs 1 <= k_max < n_experts={n_experts}, got k_max={k_max}")
         if tau_control not in ("ema", "fixed"):
             raise ValueError(f"tau_control must be 'ema' or 'fixed', got {tau_control!r}")
-        self.n_experts = n_experts
+        self.n_experts, self.k_max = n_experts, k_max
         self.alpha, self.expansion_cap = alpha, expansion_cap
         self.tau_control, self.tau_ema, self.keep_top1 = tau_control, tau_ema, keep_top1
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
@@ -114,7 +114,7 @@ class LapSumRouter(nn.Module):
         """x: [N, d]; k: [] this layer's budget k_l (differentiable: ∂L/∂k reaches the budget).
         The block's `ctx` is not needed."""
         logits = router_logits(self.gate, x)  # [N, E]
-        p = soft_topk(logits, k, self.alpha)  # [N, E], rows sum to k_l
+        p = soft_topk(logits, k, self.alpha, k_max=self.k_max)  # [N, E], rows sum to k_l
         top_p, experts = p.topk(self.max_slots, dim=-1)  # [N, m], descending
         cap = torch.ceil(self.expansion_cap * k.detach() - _CEIL_SLACK)  # [] ceil(c·k_l)
         in_cap = torch.arange(self.max_slots, device=x.device) < cap  # [m]

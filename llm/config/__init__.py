@@ -12,16 +12,16 @@ checked against the dataclasses, and every error is one line naming the key.
     parse.py      raw mapping → typed tree, with `imports` and one-line errors
     migration.py  saved configs of earlier versions → today's schema
 """
-# _choice and _positive too: the router modules check their own sections with them.
-from llm.config.errors import ConfigError, _choice, _positive
+# check_choice and check_positive too: router modules (plug-ins included) check their own sections with them.
+from llm.config.errors import ConfigError, check_choice, check_positive
 from llm.config.files import load_config, load_saved_config, save_config, to_dict
 from llm.config.migration import migrate_saved
-from llm.config.parse import from_dict
+from llm.config.parse import from_dict, import_modules
 from llm.config.routing import RouterOptions, RoutingConfig, routing_section
 from llm.config.schema import Config, DataConfig, EvalConfig, LogConfig, ModelConfig, ParallelConfig, TrainConfig
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EvalConfig", "LogConfig", "ModelConfig", "ParallelConfig",
-    "RouterOptions", "RoutingConfig", "TrainConfig", "_choice", "_positive", "from_dict", "load_config",
-    "load_saved_config", "migrate_saved", "routing_section", "save_config", "to_dict",
+    "RouterOptions", "RoutingConfig", "TrainConfig", "check_choice", "check_positive", "from_dict", "import_modules",
+    "load_config", "load_saved_config", "migrate_saved", "routing_section", "save_config", "to_dict",
 ]

@@ -8,11 +8,11 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line that names the key."""
 
 
-def _positive(key: str, value: int) -> None:
+def check_positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value}: expected a positive number")
 
 
-def _choice(key: str, value: Any, options: tuple) -> None:
+def check_choice(key: str, value: Any, options: tuple) -> None:
     if value not in options:
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, options))}")

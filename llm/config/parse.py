@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-from llm.config.errors import ConfigError, _choice
+from llm.config.errors import ConfigError, check_choice
 from llm.config.migration import flat_names_of
 from llm.config.routing import DEFAULT_ROUTER, RoutingConfig, router_section
 from llm.config.schema import Config
@@ -58,7 +58,7 @@ def build_routing(raw: Any, prefix: str) -> RoutingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping, got {raw!r}")
     router = _coerce(str, raw.get("router", DEFAULT_ROUTER), f"{prefix}router")
-    _choice(f"{prefix}router", router, registry.names())
+    check_choice(f"{prefix}router", router, registry.names())
     shared = {f.name for f in dataclasses.fields(RoutingConfig)} - {"options"}
     section = registry.get(router).options
     for key in raw:

@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from llm.config.errors import ConfigError, _choice, _positive
+from llm.config.errors import ConfigError, check_choice, check_positive
 
 if TYPE_CHECKING:
     from llm.config.schema import ModelConfig
@@ -71,11 +71,11 @@ class RoutingConfig:
     def validate(self, model: "ModelConfig") -> None:
         from llm.routing import registry
 
-        _choice("model.routing.router", self.router, registry.names())
+        check_choice("model.routing.router", self.router, registry.names())
         if not self.routed:
             return
-        _positive("model.routing.n_experts", self.n_experts)
-        _positive("model.routing.every", self.every)
+        check_positive("model.routing.n_experts", self.n_experts)
+        check_positive("model.routing.every", self.every)
         if self.d_expert < 0:
             raise ConfigError(f"model.routing.d_expert={self.d_expert}: expected >= 0 "
                               f"(0 means model.d_ff={model.d_ff})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm.config.errors import ConfigError, _choice, _positive
+from llm.config.errors import ConfigError, check_choice, check_positive
 from llm.config.routing import RoutingConfig
 
 
@@ -30,14 +30,14 @@ class ModelConfig:
 
     def validate(self) -> None:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            _positive(f"model.{key}", getattr(self, key))
+            check_positive(f"model.{key}", getattr(self, key))
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(
                 f"model.d_model/model.n_heads={self.d_model // self.n_heads}: RoPE needs an even head size")
-        _choice("model.attention", self.attention, ("sdpa", "flash"))
+        check_choice("model.attention", self.attention, ("sdpa", "flash"))
         self.routing.validate(self)
 
     def routed_layers(self) -> list[int]:
@@ -67,9 +67,9 @@ class DataConfig:
     def validate(self) -> None:
         if not self.corpus:
             raise ConfigError("data.corpus is empty: expected at least one file, glob or hf:NAME")
-        _positive("data.seq_len", self.seq_len)
-        _positive("data.num_proc", self.num_proc)
-        _positive("data.tokenizer_sample_chars", self.tokenizer_sample_chars)
+        check_positive("data.seq_len", self.seq_len)
+        check_positive("data.num_proc", self.num_proc)
+        check_positive("data.tokenizer_sample_chars", self.tokenizer_sample_chars)
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction}: expected 0 < fraction < 1")
         for key in ("max_documents", "max_tokens"):
@@ -121,7 +121,7 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches",
                     "save_every", "keep_checkpoints"):
-            _positive(f"train.{key}", getattr(self, key))
+            check_positive(f"train.{key}", getattr(self, key))
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: expected > 0")
         if self.budget_lr < 0:
@@ -130,17 +130,17 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: expected >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected 0 <= ratio <= 1")
-        _choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))
         from llm.preemption import SIGNALS
 
         for name in self.stop_signals:
-            _choice("train.stop_signals", name, SIGNALS)
+            check_choice("train.stop_signals", name, SIGNALS)
         if self.time_limit < 0:
             raise ConfigError(f"train.time_limit={self.time_limit}: expected seconds >= 0 (0 = no limit)")
-        _choice("train.lr_schedule", self.lr_schedule, ("cosine", "wsd"))
+        check_choice("train.lr_schedule", self.lr_schedule, ("cosine", "wsd"))
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"train.decay_fraction={self.decay_fraction}: expected 0 < fraction <= 1")
-        _choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        check_choice("train.activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
         if self.loss_chunk < 0:
             raise ConfigError(f"train.loss_chunk={self.loss_chunk}: expected >= 0 (0 = the whole micro-batch at once)")
 
@@ -154,9 +154,9 @@ class ParallelConfig:
     smear_merge: str = "auto"
 
     def validate(self) -> None:
-        _positive("parallel.ep_size", self.ep_size)
-        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _choice("parallel.smear_merge", self.smear_merge, ("auto", "gather", "reduce"))
+        check_positive("parallel.ep_size", self.ep_size)
+        check_choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_choice("parallel.smear_merge", self.smear_merge, ("auto", "gather", "reduce"))
 
 
 @dataclass
@@ -169,9 +169,9 @@ class LogConfig:
     peak_tflops: float = 0.0  # for MFU; 0 = guess from the device (989 for H100/H200 bf16)
 
     def validate(self) -> None:
-        _choice("log.wandb", self.wandb, ("offline", "online", "disabled"))
-        _positive("log.every", self.every)
-        _positive("log.routing_every", self.routing_every)
+        check_choice("log.wandb", self.wandb, ("offline", "online", "disabled"))
+        check_positive("log.every", self.every)
+        check_positive("log.routing_every", self.routing_every)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from llm.config import ConfigError, ModelConfig, RouterOptions, _choice
+from llm.config import ConfigError, ModelConfig, RouterOptions, check_choice
 from llm.routing.budget import ExpertBudget
 from llm.routing.lapsum import soft_topk
 from llm.routing.moe import MoELayer
@@ -41,14 +41,14 @@ class LapSumConfig(RouterOptions):
     expansion_cap: float = 2.0  # at most ceil(c * k_l) experts per token
 
     def validate(self, model: ModelConfig, key: str) -> None:
-        _choice(f"{key}.budget", self.budget, ("learned", "fixed"))
+        check_choice(f"{key}.budget", self.budget, ("learned", "fixed"))
         if self.alpha <= 0:
             raise ConfigError(f"{key}.alpha={self.alpha}: expected > 0")
         if not 0 <= self.tau < 1:
             raise ConfigError(f"{key}.tau={self.tau}: expected 0 <= tau < 1")
         if self.expansion_cap < 1:
             raise ConfigError(f"{key}.expansion_cap={self.expansion_cap}: expected >= 1")
-        _choice(f"{key}.tau_control", self.tau_control, ("ema", "fixed"))
+        check_choice(f"{key}.tau_control", self.tau_control, ("ema", "fixed"))
         if not 0 < self.tau_ema <= 1:
             raise ConfigError(f"{key}.tau_ema={self.tau_ema}: expected 0 < tau_ema <= 1")
         self._validate_budget(model, key)

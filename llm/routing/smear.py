@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from llm.config import ConfigError, ModelConfig, RouterOptions, _choice, _positive
+from llm.config import ConfigError, ModelConfig, RouterOptions, check_choice, check_positive
 from llm.initialization import output_std
 from llm.routing.experts import Experts, swiglu
 from llm.routing.registry import ExportError, LayerExport, RouterSpec, experts_spec, export_parameters, register
@@ -76,8 +76,8 @@ class SMEARConfig(RouterOptions):
     recompute: bool = False  # recompute merged weights in backward instead of keeping them
 
     def validate(self, model: ModelConfig, key: str) -> None:
-        _positive(f"{key}.segment_len", self.segment_len)
-        _choice(f"{key}.first_segment", self.first_segment, ("prior", "self_stopgrad"))
+        check_positive(f"{key}.segment_len", self.segment_len)
+        check_choice(f"{key}.first_segment", self.first_segment, ("prior", "self_stopgrad"))
         if not 0 <= self.expert_dropout < 1:
             raise ConfigError(f"{key}.expert_dropout={self.expert_dropout}: expected 0 <= p < 1")
         if self.reset_at_eos and self.eos_id < 0:

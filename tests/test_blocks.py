@@ -1,8 +1,8 @@
 """llm.parallel.blocks: activation checkpointing and regional torch.compile, every router.
 
 Oracle: the same model trained eagerly without checkpointing. Checkpointing must give
-bit-identical losses and gradients; compile (inductor) the same within fp32 rounding,
-and stay causal. Compiled models are the smallest that route (one block, 4 experts).
+bit-identical losses and gradients; compile the same within fp32 rounding, and stay
+causal. Compiled models are the smallest that route (one block, 4 experts).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ VOCAB = 61
 ROUTERS = ["dense", "switch", "topk", "lapsum", "smear"]
 
 
-def routed_model(router: str, n_layers: int = 2, **train) -> torch.nn.Module:
+def routed_model(router: str, n_layers: int = 2, backend: str = "inductor", **train) -> torch.nn.Module:
     model = tiny_model(router, vocab_size=VOCAB, d_model=16, n_layers=n_layers, n_heads=2, d_ff=32, max_seq_len=16,
                        n_experts=4, **({"segment_len": 4} if router == "smear" else {}))
-    return apply_block_options(model, TrainConfig(**train))
+    return apply_block_options(model, TrainConfig(**train), backend=backend)
 
 
 def train_steps(model, steps: int = 2, length: int = 12) -> tuple[list[float], list[torch.Tensor]]:
@@ -61,11 +61,19 @@ def eager_random():
     torch._dynamo.reset()
 
 
+# Inductor's code generation costs 30-150 s per router on a cold 2-core CI machine, so it runs
+# for one router here (SMEAR: segment shift and merge in one graph); the others are traced the
+# same way (dynamo graphs, breaks and dynamic shapes, AOT autograd) without code generation.
+# LapSum's operator under inductor: tests/test_lapsum.py::test_inductor_matches_eager_without_graph_break.
+BACKENDS = {"dense": "aot_eager", "switch": "aot_eager", "topk": "aot_eager", "lapsum": "aot_eager",
+            "smear": "inductor"}
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_compiled_blocks_match_eager_and_stay_causal(router, eager_random):
     # One step: a second would only recompile for the next step's dispatch sizes.
     losses, grads = train_steps(routed_model(router, n_layers=1), steps=1)
-    compiled = routed_model(router, n_layers=1, compile=True)
+    compiled = routed_model(router, n_layers=1, backend=BACKENDS[router], compile=True)
     got_losses, got_grads = train_steps(compiled, steps=1)
     assert got_losses == pytest.approx(losses, rel=1e-5, abs=1e-6)
     for a, b in zip(got_grads, grads):

@@ -35,11 +35,12 @@ _SAVED_OPS = {
 }
 
 
-def apply_block_options(model: Transformer, t: TrainConfig) -> Transformer:
-    """Compile and/or checkpoint every block of `model` as `t` asks; returns the model."""
+def apply_block_options(model: Transformer, t: TrainConfig, backend: str = "inductor") -> Transformer:
+    """Compile and/or checkpoint every block of `model` as `t` asks; returns the model.
+    `backend` is torch.compile's (e.g. "aot_eager": the same graphs without code generation)."""
     if t.compile:
         for block in model.blocks:
-            block.compile()
+            block.compile(backend=backend)
     model.set_block_runner(block_runner(t.activation_checkpointing))
     return model
 

@@ -136,6 +136,7 @@ def bench(args, router: str, device: torch.device) -> list[dict]:
         for variant, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            torch.manual_seed(args.seed + i)  # expert dropout: every variant draws the same numbers at step i
             start = clock()
             losses[variant].append(step(ids[:, :-1], ids[:, 1:]))
             if i >= args.warmup:
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="step time as wall time, or as this process's CPU time: steadier on a CPU shared with other "
                          "jobs (run with OMP_NUM_THREADS=1 then; meaningless on a GPU)")
     ap.add_argument("--loss-chunk", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="step i draws its random numbers (dropout) from seed + i")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (989 for H100/H200 bf16)")
     ap.add_argument("--json", default="", help="also write the rows to this file")

@@ -19,16 +19,16 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Iterable, NoReturn, Optional, Sequence
 
 import numpy as np
 import torch
 
 from llm import checkpoint, parallel
 from llm.callbacks import Checkpointer, Validation
-from llm.config import Config, save_config
+from llm.config import Config, TrainConfig, save_config
 from llm.monitor import Callback, Monitor, peak_flops
-from llm.parallel.finite import NonFiniteGradient, refuse_nonfinite_updates
+from llm.parallel.finite import NonFiniteGradient
 from llm.preemption import GracefulStop
 from llm.routing.tau import end_step
 
@@ -134,7 +134,6 @@ class Trainer:
         self.model = parallel.apply_expert_parallel(build_model(self.cfg.model), self.cfg)  # this rank's experts
         self.engine = parallel.build_engine(self.model, self.cfg)
         self.model = self.engine.module  # the plain model, as the engine holds it (device, dtype)
-        refuse_nonfinite_updates(self.engine)
 
     def _resume(self, resume_from: Optional[Path]) -> None:
         self.step, self.tokens = 0, 0
@@ -239,41 +238,17 @@ class Trainer:
 
     def _train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; returns its scalars (averaged over ranks)."""
-        t, engine = self.cfg.train, self.engine
+        t = self.cfg.train
         torch.manual_seed(_step_seed(t.seed, self.step, self.rank))  # dropout etc.: a function of the step
-        ce_sum = torch.zeros((), device=self.device)
-        aux_sum = torch.zeros((), device=self.device)
-        for micro in range(t.grad_accum):
-            inputs, targets = self.loader.batch(self.step, micro, t.grad_accum)  # [B, T] each
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            out = engine(inputs, targets=targets, loss_chunk=t.loss_chunk)
-            ce = out.ce
-            engine.backward(ce + out.aux_loss)  # DeepSpeed divides by grad_accum
-            ce_sum += ce.detach()
-            aux_sum += out.aux_loss.detach().float()
-            if micro < t.grad_accum - 1:
-                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        # Check the loss before the update, so a NaN never reaches the weights.
-        ce, aux = (parallel.all_reduce_mean(torch.stack([ce_sum, aux_sum])) / t.grad_accum).tolist()
-        if not math.isfinite(ce + aux):
-            raise TrainingError(f"loss is {ce + aux} at step {self.step + 1} (ce {ce}, aux {aux}); "
-                                f"{self._last_good()}")
-        lr = engine.get_lr()[0]
+        batches = (self.loader.batch(self.step, micro, t.grad_accum) for micro in range(t.grad_accum))
         try:
-            engine.step()
-        except NonFiniteGradient:  # raised before the update: the weights are still those of the last step
-            raise TrainingError(f"gradient is not finite at step {self.step + 1} (loss {ce + aux:.4f}), "
-                                f"the update was not applied; {self._last_good()}") from None
-        grad_norm = engine.get_global_grad_norm()  # before clipping; None when clipping is off
-        if grad_norm is not None and not math.isfinite(grad_norm):  # DeepSpeed skipped the update itself
-            raise TrainingError(f"gradient norm is {grad_norm} at step {self.step + 1} (loss {ce + aux:.4f}), "
-                                f"the update was not applied; {self._last_good()}")
-        end_step(self.model)  # per-step routing state (LapSum's τ) learns from this step's batches
+            metrics = optimizer_step(self.engine, batches, t)
+        except StepRefused as refused:
+            raise TrainingError(f"{refused.what} at step {self.step + 1} {refused.detail}; "
+                                f"{self._last_good()}") from None
         self.step += 1
         self.tokens += self.tokens_per_step
-        metrics = {"loss": ce + aux, "ce": ce, "aux": aux, "lr": lr, "tokens": self.tokens}
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        metrics["tokens"] = self.tokens
         return metrics
 
     def fail(self, problem: str) -> NoReturn:
@@ -288,6 +263,52 @@ class Trainer:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record scalars (metrics.jsonl, wandb); callable on every rank, only rank 0 writes."""
         self.monitor.log(step, metrics)
+
+
+class StepRefused(RuntimeError):
+    """The step's loss or gradient is not finite; no weight was changed."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"{what} {detail}")
+        self.what, self.detail = what, detail
+
+
+def optimizer_step(engine, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], t: TrainConfig) -> dict[str, float]:
+    """One optimizer step of `engine` over the micro-batches `batches` ([B, T] inputs and targets
+    each, t.grad_accum of them): the whole training step but for the data and the RNG.
+
+    Returns the loss, its CE and aux parts (averaged over micro-batches and ranks), the LR
+    used and the gradient norm before clipping (absent when clipping is off). Raises
+    StepRefused, before any weight changes, when the loss or the gradient is not finite.
+    """
+    device = parallel.device()
+    ce_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    for micro, (inputs, targets) in enumerate(batches):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        out = engine(inputs, targets=targets, loss_chunk=t.loss_chunk)
+        engine.backward(out.ce + out.aux_loss)  # DeepSpeed divides by grad_accum
+        ce_sum += out.ce.detach()
+        aux_sum += out.aux_loss.detach().float()
+        if micro < t.grad_accum - 1:
+            engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+    # Check the loss before the update, so a NaN never reaches the weights.
+    ce, aux = (parallel.all_reduce_mean(torch.stack([ce_sum, aux_sum])) / t.grad_accum).tolist()
+    if not math.isfinite(ce + aux):
+        raise StepRefused(f"loss is {ce + aux}", f"(ce {ce}, aux {aux})")
+    lr = engine.get_lr()[0]
+    try:
+        engine.step()
+    except NonFiniteGradient:  # raised before the update: the weights are still those of the last step
+        raise StepRefused("gradient is not finite", f"(loss {ce + aux:.4f}), the update was not applied") from None
+    grad_norm = engine.get_global_grad_norm()  # before clipping; None when clipping is off
+    if grad_norm is not None and not math.isfinite(grad_norm):  # DeepSpeed skipped the update itself
+        raise StepRefused(f"gradient norm is {grad_norm}", f"(loss {ce + aux:.4f}), the update was not applied")
+    end_step(engine.module)  # per-step routing state (LapSum's τ) learns from this step's batches
+    metrics = {"loss": ce + aux, "ce": ce, "aux": aux, "lr": lr}
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

@@ -7,8 +7,9 @@ activation checkpointing, against a bare PyTorch loop (AdamW, no DeepSpeed) on t
 Per router, every variant starts from the same weights and trains on the same batches:
 - `bare`: model(inputs, targets) + backward + clip + AdamW step + LR schedule, plain PyTorch
   (bf16 through autocast);
-- `trainer`: the same step through the DeepSpeed engine `llm train` builds
-  (`llm.parallel.build_engine`), which also applies train.compile / activation_checkpointing;
+- `trainer`: `llm train`'s own step (`llm.train.optimizer_step`: the DeepSpeed engine
+  `llm.parallel.build_engine` builds, its finite-gradient check, the loss averaged over ranks),
+  which also applies train.compile / activation_checkpointing;
 - `compile`, `ckpt full`, `ckpt selective`: the trainer with that switch on.
 The variants are built side by side and timed in rounds (one step of each variant per round,
 on the same batch), so a machine whose load drifts slows them alike and the ratios hold.
@@ -33,6 +34,7 @@ from llm.config import Config, load_config
 from llm.model import build_model, flops_per_token
 from llm.parallel.engine import SCHEDULES, param_groups
 from llm.routing.tau import end_step
+from llm.train import optimizer_step
 
 MiB = 2 ** 20
 VARIANTS = {  # name -> train.* overrides
@@ -51,7 +53,7 @@ def config(args, model: str, variant: str) -> Config:
     common = [f"model.max_seq_len={args.seq_len}", f"data.seq_len={args.seq_len}",
               f"train.micro_batch_size={args.batch}", f"train.grad_accum=1", f"train.dtype={args.dtype}",
               f"train.loss_chunk={args.loss_chunk}", "parallel.ep_size=1"]
-    common += [f"train.{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()]
+    common += [f"train.{k}={str(v).lower()}" for k, v in VARIANTS[variant].items()] + args.set
     if model.endswith(".yaml"):
         return load_config(model, common)
     return load_config(None, common + [
@@ -72,30 +74,25 @@ def bare_step(cfg: Config, device: torch.device) -> Step:
     def step(inputs, targets) -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(inputs, targets=targets, loss_chunk=t.loss_chunk)
-        loss = out.ce + out.aux_loss
-        loss.backward()
+        (out.ce + out.aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         end_step(model)
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        return loss.item()
+        ce, aux = torch.stack([out.ce.detach(), out.aux_loss.detach().float()]).tolist()
+        return ce + aux  # summed as the trainer sums them, so equal steps give equal numbers
 
     return step
 
 
 def trainer_step(cfg: Config, device: torch.device) -> Step:
-    """The DeepSpeed step of `llm.train.Trainer._train_step` with grad_accum = 1."""
+    """`llm train`'s step (`llm.train.optimizer_step`) on the engine `llm train` builds."""
     torch.manual_seed(cfg.train.seed)
     engine = parallel.build_engine(parallel.apply_expert_parallel(build_model(cfg.model), cfg), cfg)
 
     def step(inputs, targets) -> float:
-        out = engine(inputs, targets=targets, loss_chunk=cfg.train.loss_chunk)
-        loss = out.ce + out.aux_loss
-        engine.backward(loss)
-        engine.step()
-        end_step(engine.module)
-        return loss.item()
+        return optimizer_step(engine, [(inputs, targets)], cfg.train)["loss"]
 
     return step
 
@@ -191,6 +188,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0, help="step i draws its random numbers (dropout) from seed + i")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (989 for H100/H200 bf16)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="further config overrides for every variant, e.g. train.grad_clip=0.1")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
     parallel.init_distributed()

@@ -13,6 +13,7 @@
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d wheels/gpu hjson ninja py-cpuinfo msgpack pydantic pydantic-core annotated-types \
 #       typing-inspection einops psutil
+# wheels/ is git-ignored: the device tool carries it when asked (carry: ["wheels/gpu"], 6 MB).
 # Results go to $OUT (or gpu_check/ without it): one log per part.
 set -euo pipefail
 

@@ -16,7 +16,7 @@ def test_bench_train_tiny(tmp_path):
         [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--routers", "dense", "lapsum",
          "--variants", "bare", "trainer", "ckpt full", "--d-model", "16", "--layers", "2", "--heads", "2",
          "--vocab", "64", "--batch", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--loss-chunk", "8",
-         "--json", str(out)],
+         "--set", "train.grad_clip=0.05", "--json", str(out)],  # a clip that binds at every step
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -24,9 +24,10 @@ def test_bench_train_tiny(tmp_path):
         (router, v) for router in ("dense", "lapsum") for v in ("bare", "trainer", "ckpt full")]
     for router in ("dense", "lapsum"):
         bare, trainer, ckpt = (r for r in rows if r["router"] == router)
-        # Same weights and batches: the DeepSpeed step trains exactly as the bare AdamW loop.
+        # Same weights and batches: on one process the DeepSpeed step (clipping included) trains
+        # bit for bit as the bare loop of torch's AdamW and clip_grad_norm_.
         assert trainer["first_loss"] == bare["first_loss"]
-        assert trainer["last_loss"] == pytest.approx(bare["last_loss"], abs=1e-5)
+        assert trainer["last_loss"] == bare["last_loss"] and trainer["last_loss"] != trainer["first_loss"]
         assert ckpt["last_loss"] == trainer["last_loss"]
         assert trainer["vs_trainer"] == 1.0 and all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
 

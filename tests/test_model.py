@@ -93,6 +93,30 @@ def test_flops_per_token():
     assert routed("lapsum", k_mean=1.5) == pytest.approx((routed("topk", k=1) + routed("topk", k=2)) / 2)
 
 
+def test_smear_flops_count_the_merge():
+    """SMEAR's extra FLOPs over a dense block, as torch's FLOP counter measures a training step:
+    the merge of E experts per segment of S tokens, E/S of an expert per token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T, segment = 64, 16
+
+    def block_flops(cfg) -> float:  # per token, of one block's forward and backward (matmuls)
+        cfg.max_seq_len = T
+        model = build_model(cfg)
+        ids = torch.randint(0, VOCAB, (2, T))
+        with FlopCounterMode(display=False) as counter:
+            out = model(ids, targets=ids)
+            (out.ce + out.aux_loss).backward()
+        return sum(counter.get_flop_counts()["Transformer.blocks.0"].values()) / (2 * T)
+
+    dense, smear = tiny_config(vocab_size=VOCAB), tiny_config("smear", vocab_size=VOCAB, n_experts=8, segment_len=segment)
+    measured = block_flops(smear) - block_flops(dense)
+    counted = (flops_per_token(smear, T) - flops_per_token(dense, T)) / smear.n_layers
+    router = 6 * smear.d_model * 8  # counted per token; SMEAR routes once per segment
+    assert counted - router <= measured <= counted
+    assert measured > 0.9 * 6 * (8 / segment) * 3 * smear.d_model * smear.d_ff  # the merge is most of it
+
+
 def test_norm_and_rope_keep_float64():
     """A float64 model must compute in float64: whole-model oracles compare at ~1e-12."""
     from llm.model.transformer import RMSNorm, apply_rope, rope_tables

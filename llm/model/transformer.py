@@ -232,7 +232,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active non-embedding parameters + causal attention.
 
     Active means what one token runs through, as its router counts it
-    (`RouterSpec.active_experts`: k for top-k, k̄ for LapSum, one merged expert for SMEAR). Attention scores and values add 6·L·d·T
+    (`RouterSpec.active_experts`: k for top-k, k̄ for LapSum, one merged expert plus the
+    merge for SMEAR). Attention scores and values add 6·L·d·T
     (forward 2·2·d·T/2 per layer for the causal half, times 3 for backward).
     """
     d, L, r = cfg.d_model, cfg.n_layers, cfg.routing

@@ -344,16 +344,17 @@ def global_grad_norm(model: nn.Module) -> Tensor:
     (reduced) gradient on every rank and count once; expert parameters hold different
     experts on the ranks of an expert-parallel group, so their squares are summed over it.
     """
+    ep = ExpertParallel.current()
+    if ep.size == 1:  # nothing sharded: torch's own total norm, as clip_grad_norm_ computes it
+        return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     shared, experts = [], []
     for p in model.parameters():
         if p.grad is not None:
-            (experts if getattr(p, "allreduce", True) is False else shared).append(p.grad.detach().float())
+            (experts if getattr(p, "allreduce", True) is False else shared).append(p.grad.detach())
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
-    shared_sq = sum((g.square().sum() for g in shared), zero)
-    expert_sq = sum((g.square().sum() for g in experts), zero.clone())
-    ep = ExpertParallel.current()
-    if ep.size > 1:
-        dist.all_reduce(expert_sq, group=ep.group)
+    shared_sq = torch.nn.utils.get_total_norm(shared).float().square() if shared else zero
+    expert_sq = torch.nn.utils.get_total_norm(experts).float().square() if experts else zero.clone()
+    dist.all_reduce(expert_sq, group=ep.group)
     return (shared_sq + expert_sq).sqrt()
 
 
@@ -371,10 +372,7 @@ def fix_fp32_clipping(engine) -> None:
 
     def clip_fp32_gradients() -> None:
         norm = global_grad_norm(engine.module)
-        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
-        for p in engine.module.parameters():
-            if p.grad is not None:
-                p.grad.detach().mul_(coef.to(p.grad.dtype))
+        torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), engine.gradient_clipping(), norm)
         engine._global_grad_norm = norm.item()
 
     engine.clip_fp32_gradients = clip_fp32_gradients  # called by DeepSpeedEngine._take_model_step

@@ -30,6 +30,9 @@ def _check_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     bad = torch.zeros((), device=device())
     if grads:
-        bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().to(bad.device)
+        # The 2-norm is finite exactly when every element is, short of squares summing past fp32's
+        # range (elements near 1e19, an update as useless). One fused pass: a per-tensor
+        # isfinite().all() cost 10 % of a CPU training step.
+        bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0))).float().to(bad.device)
     if all_reduce_mean(bad).item() > 0:
         raise NonFiniteGradient("the gradient is not finite")

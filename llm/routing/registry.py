@@ -73,7 +73,8 @@ class RouterSpec:
     `forward(x [B, T, d], ctx) -> (y [B, T, d], aux_loss [])`, a `stats` property (a
     `RoutingStats`, docs/routing.md#statistics) and, when `routed`, `n_experts` and
     `shard(ep, merge_mode)` (docs/expert-parallel.md#sharding).
-    `active_experts(cfg)` is the number of experts one token runs through, for the FLOP count.
+    `active_experts(cfg)` is the number of experts one token runs through, for the FLOP count
+    (in experts' worth of FLOPs: work such as SMEAR's merge counts too).
     `export` turns a trained layer into the exported modeling code's entry; None means the
     router cannot be exported, and `export_refusal` says why in a few words. `export_code`
     is the FFN class of a plug-in whose entry names no built-in FFN of the exported code.

@@ -364,6 +364,12 @@ def future_leak(cfg: ModelConfig) -> Optional[str]:
     return None
 
 
-register(RouterSpec(name="smear", layer=SMEARLayer, active_experts=lambda cfg: 1, options=SMEARConfig,
+def active_experts(cfg: ModelConfig) -> float:
+    """One merged expert per token, plus the merge: every segment of S tokens sums E experts'
+    weights (forward and backward, like a matmul), E/S of an expert's FLOPs per token."""
+    return 1 + cfg.routing.n_experts / cfg.routing.options.segment_len
+
+
+register(RouterSpec(name="smear", layer=SMEARLayer, active_experts=active_experts, options=SMEARConfig,
                     export=smear_export, capacity=lambda cfg: None, future_leak=future_leak,
                     selects_experts=False))

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from llm.routing.stats import bincount
+
 _BINS = 4096  # from p = 1e-6 (a τ that low keeps every slot anyway) to 1
 
 
@@ -56,7 +58,7 @@ class SlotHistogram(nn.Module):
     def observe(self, candidates: Tensor, k: Tensor) -> None:
         """candidates [N, m]: each token's slot weights (−1 never kept, > 1 always kept); k: [] k_l."""
         bins = torch.bucketize(candidates.flatten().float(), edges_on(candidates.device))  # [N·m] in 0.._BINS
-        self.counts[:-1] += torch.bincount(bins, minlength=_BINS + 1)
+        self.counts[:-1] += bincount(bins, _BINS + 1)
         self.counts[-1] += torch.round(candidates.shape[0] * k.double()).long()
 
     def pending(self) -> Tensor:

@@ -12,7 +12,9 @@ Per router, every variant starts from the same weights and trains on the same ba
   which also applies train.compile / activation_checkpointing;
 - `compile`, `ckpt full`, `ckpt selective`: the trainer with that switch on.
 The variants are built side by side and timed in rounds (one step of each variant per round,
-on the same batch), so a machine whose load drifts slows them alike and the ratios hold.
+on the same batch), so a machine whose load drifts slows them alike and the ratios hold; the
+order rotates from round to round, because on CPU the step after another variant's runs
+measurably slower (caches), ~4 % at the sizes below.
 Reported: median step time after `--warmup` steps (compilation happens there), tokens/s,
 the ratio to `trainer` (and of `trainer` to `bare`: the trainer's overhead), and peak memory
 of one step above its start (CUDA: max_memory_allocated; CPU: the running sum of the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,9 +33,9 @@ from typing import Callable
 import torch
 
 from llm import parallel
-from llm.config import Config, load_config
+from llm.config import Config, ConfigError, load_config
 from llm.model import build_model, flops_per_token
-from llm.parallel.engine import SCHEDULES, param_groups
+from llm.parallel.engine import SCHEDULES, adamw
 from llm.routing.tau import end_step
 from llm.train import optimizer_step
 
@@ -67,7 +70,7 @@ def bare_step(cfg: Config, device: torch.device) -> Step:
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    optimizer = adamw(model, t)  # the trainer's AdamW: the comparison is of everything around it
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[t.lr_schedule](t))
     bf16 = parallel.use_bf16(cfg)
 
@@ -129,8 +132,10 @@ def bench(args, router: str, device: torch.device) -> list[dict]:
     times: dict[str, list[float]] = {variant: [] for variant in steps}
     losses: dict[str, list[float]] = {variant: [] for variant in steps}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    names = list(steps)
     for i, ids in enumerate(batches[:-1]):
-        for variant, step in steps.items():
+        for variant in names[i % len(names):] + names[:i % len(names)]:  # each variant leads in turn
+            step = steps[variant]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             torch.manual_seed(args.seed + i)  # expert dropout: every variant draws the same numbers at step i
@@ -192,6 +197,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="further config overrides for every variant, e.g. train.grad_clip=0.1")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    try:  # every config first: a bad --set or config file costs a line, not a half-run benchmark
+        for router in args.routers:
+            for variant in args.variants:
+                config(args, router, variant)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
     parallel.init_distributed()
     device = parallel.device()
     rows = [row for router in args.routers for row in bench(args, router, device)]

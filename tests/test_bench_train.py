@@ -32,6 +32,13 @@ def test_bench_train_tiny(tmp_path):
         assert trainer["vs_trainer"] == 1.0 and all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
 
 
+def test_bench_train_bad_override_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_train.py"), "--set", "train.grad_clip=-1"],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: train.grad_clip"), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_gpu_check_script_parses_and_lists_its_parts(tmp_path):
     script = REPO / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -118,6 +118,14 @@ def test_stop_settings():
     assert error(["train.time_limit=-1"]).startswith("train.time_limit=-1.0: expected seconds >= 0")
 
 
+def test_optimizer_settings():
+    assert load_config(None, ["train.grad_clip=0", "train.weight_decay=0", "train.beta1=0"]).train.grad_clip == 0
+    assert error(["train.grad_clip=-1"]) == "train.grad_clip=-1.0: expected >= 0 (0 = no clipping)"
+    assert error(["train.weight_decay=-0.1"]) == "train.weight_decay=-0.1: expected >= 0"
+    assert error(["train.beta2=1"]) == "train.beta2=1.0: expected 0 <= beta < 1"
+    assert error(["train.beta1=-0.5"]) == "train.beta1=-0.5: expected 0 <= beta < 1"
+
+
 def test_throughput_keys():
     cfg = load_config(None, ["train.compile=true", "train.activation_checkpointing=selective",
                              "train.loss_chunk=1024", "train.lr_schedule=wsd", "train.decay_fraction=0.1"])

@@ -128,6 +128,13 @@ class TrainConfig:
             raise ConfigError(f"train.budget_lr={self.budget_lr}: expected >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: expected >= 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay={self.weight_decay}: expected >= 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: expected 0 <= beta < 1")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip={self.grad_clip}: expected >= 0 (0 = no clipping)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio}: expected 0 <= ratio <= 1")
         check_choice("train.dtype", self.dtype, ("auto", "fp32", "bf16"))

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 8 minutes on one H200): install what the GPU image lacks
-# from carried wheels, run the CUDA tests, then time bf16 training steps of the
-# gpt-125m models (eager and compiled, tokens/s, MFU, peak memory) and the routing
-# benchmarks (SMEAR's in bf16; bench_routing has no dtype switch). No network is used.
+# The prepared GPU check, in two calls of at most ~8 and ~5 minutes on one H200 (a device
+# call may last 10 minutes; a session has 15 of device time, start-up included):
 #
-#   scripts/gpu_check.sh              run it (from the repository root)
-#   scripts/gpu_check.sh --dry-run    print the commands only
+#   scripts/gpu_check.sh train          bf16 training steps of each gpt-125m model: bare loop,
+#                                       trainer, trainer compiled; tokens/s, MFU, peak memory
+#   scripts/gpu_check.sh tests bench    tests/test_cuda.py, then the routing benchmarks
+#                                       (SMEAR's in bf16; bench_routing has no dtype switch)
+#   scripts/gpu_check.sh                all of it, in that order
+#   scripts/gpu_check.sh --dry-run ...  print the commands only
 #
-# Wheels: the image has torch, triton and transformers but not deepspeed. Build them
-# once on a machine with network, into the folder this script reads (see BENCHMARKS.md):
+# The most wanted figures come first: each model is its own part with its own time limit,
+# so a slow compile costs that model's figures, not the others'. No network is used.
+#
+# Wheels: the image has torch, triton and transformers but not deepspeed or pytest. Build
+# them once on a machine with network, into the folder this script reads:
 #   pip wheel --no-deps -w wheels/gpu deepspeed==0.19.8
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d wheels/gpu hjson ninja py-cpuinfo msgpack pydantic pydantic-core annotated-types \
-#       typing-inspection einops psutil
+#       typing-inspection einops psutil pytest
 # wheels/ is git-ignored: the device tool carries it when asked (carry: ["wheels/gpu"], 6 MB).
 # Results go to $OUT (or gpu_check/ without it): one log per part.
 set -euo pipefail
 
 DRY_RUN=0
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+GROUPS_WANTED="${*:-train tests bench}"
+for group in $GROUPS_WANTED; do
+  [[ "$group" =~ ^(train|tests|bench)$ ]] || { echo "error: unknown part '$group': expected train, tests or bench" >&2; exit 2; }
+done
 WHEELS="${WHEELS:-wheels/gpu}"
 RESULTS="${OUT:-gpu_check}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"  # H100/H200 dense bf16
@@ -40,14 +49,26 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run (or print) one part; its log goe
   tail -n 25 "$RESULTS/$name.log"
 }
 
-if ! python -c "import deepspeed" 2>/dev/null; then
-  step install 120 python -m pip install --no-index --find-links "$WHEELS" deepspeed
+wants() { [[ " $GROUPS_WANTED " == *" $1 "* ]]; }
+
+missing=()
+python -c "import deepspeed" 2>/dev/null || missing+=(deepspeed)
+wants tests && { python -c "import pytest" 2>/dev/null || missing+=(pytest); }
+if (( ${#missing[@]} )) || (( DRY_RUN )); then
+  step install 90 python -m pip install --no-index --find-links "$WHEELS" "${missing[@]:-deepspeed}"
 fi
 step device 30 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(), torch.version.cuda)"
-step cuda_tests 100 python -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step train_125m 300 python scripts/bench_train.py --dtype bf16 --peak-tflops "$PEAK_TFLOPS" \
-  --routers configs/gpt-125m-dense.yaml configs/gpt-125m-topk2.yaml configs/gpt-125m-lapsum.yaml \
-  configs/gpt-125m-smear.yaml --variants bare trainer compile --batch 16 --seq-len 1024 --steps 8 --warmup 3 \
-  --loss-chunk 4096 --json "$RESULTS/train_125m.json"
-step routing 60 python scripts/bench_routing.py --repeats 5 --layer-repeats 3 --no-deepspeed
-step smear_bf16 45 python scripts/bench_smear.py --dtype bf16 --repeats 5
+if wants train; then
+  for model in dense topk2 lapsum smear; do
+    step "train_$model" 110 python scripts/bench_train.py --dtype bf16 --peak-tflops "$PEAK_TFLOPS" \
+      --routers "configs/gpt-125m-$model.yaml" --variants bare trainer compile --batch 16 --seq-len 1024 \
+      --steps 6 --warmup 3 --loss-chunk 4096 --json "$RESULTS/train_$model.json"
+  done
+fi
+if wants tests; then
+  step cuda_tests 150 python -m pytest -q -p no:cacheprovider tests/test_cuda.py
+fi
+if wants bench; then
+  step routing 60 python scripts/bench_routing.py --repeats 5 --layer-repeats 3 --no-deepspeed
+  step smear_bf16 45 python scripts/bench_smear.py --dtype bf16 --repeats 5
+fi

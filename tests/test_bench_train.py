@@ -45,8 +45,21 @@ def test_gpu_check_script_parses_and_lists_its_parts(tmp_path):
     proc = subprocess.run(["bash", str(script), "--dry-run"], cwd=REPO, env={**env(), "OUT": str(tmp_path)},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    parts = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("== ")]
-    assert parts[-4:] == ["== cuda_tests", "== train_125m", "== routing", "== smear_bf16"]
-    for config in ("dense", "topk2", "lapsum", "smear"):
-        assert (REPO / "configs" / f"gpt-125m-{config}.yaml").is_file() and f"gpt-125m-{config}.yaml" in proc.stdout
+    parts = [line.split(":")[0][3:] for line in proc.stdout.splitlines() if line.startswith("== ")]
+    models = ("dense", "topk2", "lapsum", "smear")
+    assert parts == ["install", "device", *(f"train_{m}" for m in models), "cuda_tests", "routing", "smear_bf16"]
+    for model in models:
+        assert (REPO / "configs" / f"gpt-125m-{model}.yaml").is_file() and f"gpt-125m-{model}.yaml" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # a dry run runs nothing
+
+    # The two calls that fit a device session: the training figures first, then tests and kernels.
+    def dry(*groups: str) -> list[str]:
+        out = subprocess.run(["bash", str(script), "--dry-run", *groups], cwd=REPO, env={**env(), "OUT": str(tmp_path)},
+                             capture_output=True, text=True, timeout=60).stdout
+        return [line.split(":")[0][3:] for line in out.splitlines() if line.startswith("== ")]
+
+    assert dry("train") == ["install", "device", *(f"train_{m}" for m in models)]
+    assert dry("tests", "bench") == ["install", "device", "cuda_tests", "routing", "smear_bf16"]
+    bad = subprocess.run(["bash", str(script), "--dry-run", "everything"], cwd=REPO, env={**env(), "OUT": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown part 'everything'")

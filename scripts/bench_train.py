@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parallel.init_distributed()
     device = parallel.device()
     rows = [row for router in args.routers for row in bench(args, router, device)]
+    shape = "" if all(r.endswith(".yaml") for r in args.routers) else f", d_model {args.d_model}, {args.layers} layers"
     print(f"{device.type}, {torch.get_num_threads()} threads, {args.clock} clock, dtype {args.dtype}, "
-          f"batch {args.batch} x {args.seq_len}, d_model {args.d_model}, {args.layers} layers")
+          f"batch {args.batch} x {args.seq_len}{shape}")
     show(rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -78,7 +78,8 @@ def bare_step(cfg: Config, device: torch.device) -> Step:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(inputs, targets=targets, loss_chunk=t.loss_chunk)
         (out.ce + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if t.grad_clip > 0:  # 0 = off, as in the trainer (clip_grad_norm_ would zero the gradients)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         end_step(model)
         optimizer.zero_grad(set_to_none=True)
